@@ -1,0 +1,244 @@
+"""Megatron model checkpoints: reshardable weights plus everything needed to rebuild the model.
+
+Layout of a checkpoint folder::
+
+    DIR/
+      nemo_dvpo_checkpoint.json   what this is (kind, model config, parallel layout it was saved at)
+      hf/                         the Hugging Face config, generation config and tokenizer files
+      weights/                    megatron-core distributed checkpoint (torch_dist)
+
+The weights are a megatron-core *distributed* checkpoint: every tensor is stored with its global
+shape and the offsets of its shards, so a checkpoint saved at TP=1 loads at TP=2, TP=3 or PP=2 and
+vice versa. Saving is atomic: everything is written into a hidden sibling folder that is renamed
+into place only once complete, and the metadata file is written last, so a killed save never leaves
+a folder that looks like a valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from nemo_dvpo.models.config import ModelConfig
+from nemo_dvpo.utils.config import from_dict
+from nemo_dvpo.utils.errors import CheckpointError
+
+METADATA_FILE = "nemo_dvpo_checkpoint.json"
+FORMAT_VERSION = 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_error(error: Optional[BaseException]) -> None:
+    """Raise on every rank if rank 0 failed, so no rank waits forever in a collective."""
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    message = [str(error) if error is not None else None]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        if error is not None:
+            raise error
+        raise CheckpointError(f"rank 0 failed: {message[0]}")
+
+
+def _fsync_tree(folder: Path) -> None:
+    import os
+
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+class AtomicCheckpointDir:
+    """Collective context manager yielding a staging folder that replaces ``final`` on success.
+
+    All ranks enter and exit it together. Rank 0 owns folder creation and the final rename.
+    """
+
+    def __init__(self, final: str | Path):
+        self.final = Path(final).resolve()
+        self.staging = self.final.parent / f".{self.final.name}.partial"
+
+    def __enter__(self) -> Path:
+        error = None
+        if _rank() == 0:
+            try:
+                self.final.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(self.staging, ignore_errors=True)
+                self.staging.mkdir()
+            except OSError as exc:
+                error = CheckpointError(f"cannot create checkpoint folder {self.staging}: {exc}")
+        _broadcast_error(error)
+        return self.staging
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        _barrier()
+        if exc_type is not None:
+            return False
+        error = None
+        if _rank() == 0:
+            try:
+                _fsync_tree(self.staging)
+                previous = self.final.parent / f".{self.final.name}.previous"
+                shutil.rmtree(previous, ignore_errors=True)
+                if self.final.exists():
+                    self.final.rename(previous)
+                self.staging.rename(self.final)
+                shutil.rmtree(previous, ignore_errors=True)
+            except OSError as exc:
+                error = CheckpointError(f"cannot move checkpoint into place at {self.final}: {exc}")
+        _broadcast_error(error)
+        return False
+
+
+def save_sharded_weights(model: list[torch.nn.Module], folder: Path) -> None:
+    """Collective: write the model's sharded state dict as a megatron-core distributed checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_dvpo.models.builder import unwrap_model
+
+    if len(model) != 1:
+        raise CheckpointError("virtual pipeline stages are not supported by nemo_dvpo checkpoints")
+    if _rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(unwrap_model(model[0]).sharded_state_dict(), str(folder))
+
+
+def load_sharded_weights(model: list[torch.nn.Module], folder: Path, strict: bool = True) -> None:
+    """Collective: load a distributed checkpoint into ``model`` at the current TP/PP layout."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_dvpo.models.builder import unwrap_model
+
+    module = unwrap_model(model[0])
+    with torch.no_grad():
+        state_dict = dist_checkpointing.load(module.sharded_state_dict(), str(folder))
+        missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    # TE layers carry "_extra_state" entries that a local-spec checkpoint does not have.
+    missing = [key for key in missing if not key.endswith("_extra_state")]
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"checkpoint {folder} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+
+
+def save_hf_artifacts(folder: Path, hf_config, tokenizer=None) -> None:
+    """The HF config, generation config and tokenizer (chat template included) of a model."""
+    from transformers import GenerationConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(folder)
+    try:
+        GenerationConfig.from_model_config(hf_config).save_pretrained(folder)
+    except ValueError:
+        pass  # a config with no generation-relevant fields
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def save_model_checkpoint(model: list[torch.nn.Module], path: str | Path, model_cfg: ModelConfig,
+                          hf_config, tokenizer=None, kind: str = "model",
+                          extra: Optional[dict[str, Any]] = None) -> Path:
+    """Collective: save model weights + config + tokenizer atomically to ``path``."""
+    from megatron.core import parallel_state
+
+    with AtomicCheckpointDir(path) as staging:
+        save_sharded_weights(model, staging / "weights")
+        if _rank() == 0:
+            save_hf_artifacts(staging / "hf", hf_config, tokenizer)
+            saved_cfg = dataclasses.replace(model_cfg, source=None, tokenizer=None, random_init=False)
+            write_json_atomic(staging / METADATA_FILE, {
+                "format_version": FORMAT_VERSION,
+                "kind": kind,
+                "model": dataclasses.asdict(saved_cfg),
+                "saved_with": {
+                    "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                    "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+                },
+                "has_tokenizer": tokenizer is not None,
+                **(extra or {}),
+            })
+    return Path(path)
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict:
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint {folder} does not exist")
+    metadata_file = folder / METADATA_FILE
+    if not metadata_file.exists():
+        hint = ""
+        if (folder / "config.json").exists():
+            hint = (" It looks like a Hugging Face folder: convert it first with "
+                    "tools/convert_hf_to_megatron.py, or use it as model.source.")
+        elif (folder.parent / f".{folder.name}.partial").exists():
+            hint = " A save into it did not finish."
+        raise CheckpointError(f"{folder} is not a nemo_dvpo checkpoint (no {METADATA_FILE}).{hint}")
+    try:
+        metadata = json.loads(metadata_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{metadata_file}: not valid JSON ({error})") from error
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{metadata_file}: format_version {metadata.get('format_version')!r} "
+                              f"is not supported (expected {FORMAT_VERSION})")
+    return metadata
+
+
+def read_checkpoint_model_config(path: str | Path) -> ModelConfig:
+    """The model config stored in a checkpoint; the tokenizer points into the checkpoint."""
+    metadata = read_checkpoint_metadata(path)
+    model_cfg = from_dict(ModelConfig, metadata["model"], f"{Path(path) / METADATA_FILE}:model")
+    tokenizer = str(Path(path).resolve() / "hf") if metadata.get("has_tokenizer") else None
+    return dataclasses.replace(model_cfg, tokenizer=tokenizer)
+
+
+def load_hf_config_from_checkpoint(path: str | Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(Path(path) / "hf")
+
+
+def load_model_checkpoint(path: str | Path, precision: Optional[str] = None, **build_kwargs: Any):
+    """Collective: rebuild the model stored at ``path`` at the current TP/PP layout and load it.
+
+    Returns ``(model, model_cfg, tokenizer)``; ``tokenizer`` is None if none was saved.
+    Call after :func:`nemo_dvpo.utils.distributed.initialize_distributed`.
+    """
+    from nemo_dvpo.models.builder import build_gpt_model
+    from nemo_dvpo.models.sources import load_tokenizer
+
+    model_cfg = read_checkpoint_model_config(path)
+    if precision is not None:
+        model_cfg = dataclasses.replace(model_cfg, precision=precision)
+    hf_config = load_hf_config_from_checkpoint(path)
+    model = build_gpt_model(model_cfg, hf_config=hf_config, load_weights=False, **build_kwargs)
+    load_sharded_weights(model, Path(path) / "weights")
+    tokenizer = load_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer else None
+    return model, model_cfg, tokenizer

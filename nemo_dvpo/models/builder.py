@@ -1,0 +1,157 @@
+"""Build megatron-core GPT models for a ``ModelConfig`` through megatron-bridge.
+
+The preset is turned into its ``transformers`` config; megatron-bridge maps that config to a
+``GPTModelProvider`` (a megatron-core ``TransformerConfig``), which builds the ``GPTModel`` at the
+current tensor/pipeline-parallel layout. Weights, when the preset names a source, are loaded
+through the same bridge, so the mapping used for loading, exporting and building is one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from nemo_dvpo.models.config import ModelConfig
+from nemo_dvpo.models.sources import load_hf_config, load_hf_model
+from nemo_dvpo.utils import cpu_compat
+from nemo_dvpo.utils.errors import ConfigError
+
+# Fusions that need Transformer Engine, apex or CUDA extensions; Megatron refuses them on CPU.
+_CPU_UNSUPPORTED_FUSIONS = (
+    "apply_rope_fusion", "gradient_accumulation_fusion", "masked_softmax_fusion",
+    "bias_activation_fusion", "bias_dropout_fusion", "persist_layer_norm",
+)
+
+
+def _bridge_classes():
+    cpu_compat.import_megatron_bridge()
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.models.gpt_provider import local_layer_spec, transformer_engine_layer_spec
+    from megatron.bridge.models.hf_pretrained.causal_lm import PreTrainedCausalLM
+
+    return AutoBridge, PreTrainedCausalLM, local_layer_spec, transformer_engine_layer_spec
+
+
+def use_transformer_engine() -> bool:
+    """TE layer spec when TE imports (GPU containers); the local spec otherwise."""
+    return torch.cuda.is_available() and cpu_compat.transformer_engine_available()
+
+
+def resolve_hf_config(model_cfg: ModelConfig):
+    """The HF config to build from: the source's own when weights are loaded, else the preset's."""
+    if not model_cfg.loads_weights:
+        return model_cfg.to_hf_config()
+    hf_config = load_hf_config(model_cfg.source)
+    mismatches = model_cfg.shape_mismatches(ModelConfig.from_hf_config(hf_config))
+    if mismatches:
+        raise ConfigError(
+            f"model preset {model_cfg.name!r} does not match the checkpoint at {model_cfg.source}: "
+            + "; ".join(mismatches)
+        )
+    return hf_config
+
+
+def make_bridge(hf_config, hf_model: Optional[torch.nn.Module] = None, for_export: bool = False):
+    """An AutoBridge for ``hf_config``; with ``hf_model`` it also carries that model's weights.
+
+    ``for_export`` attaches a meta-device HF model: exporting needs the HF parameter names (the
+    bridge orders its conversion tasks by them) but none of their memory.
+    """
+    AutoBridge, PreTrainedCausalLM, _, _ = _bridge_classes()
+    if not getattr(hf_config, "architectures", None):
+        raise ConfigError(f"the model config has no 'architectures' entry: {hf_config}")
+    if not AutoBridge.supports(hf_config):
+        raise ConfigError(
+            f"unsupported architecture {hf_config.architectures[0]!r}; "
+            "nemo_dvpo supports Llama- and Mistral-family causal LMs"
+        )
+    if hf_model is None and not for_export:
+        return AutoBridge.from_hf_config(hf_config)
+    pretrained = PreTrainedCausalLM(model_name_or_path=None)
+    pretrained._config = hf_config
+    if hf_model is None:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            # Assigned directly: the ``model`` setter would try to move meta tensors to the CPU.
+            pretrained._model = AutoModelForCausalLM.from_config(hf_config)
+    else:
+        pretrained.model = hf_model
+    return AutoBridge(pretrained)
+
+
+def make_provider(hf_config, model_cfg: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                  seq_length: Optional[int] = None, **overrides: Any):
+    """A finalized megatron-bridge ``GPTModelProvider`` for the current parallel layout."""
+    _, _, local_layer_spec, te_layer_spec = _bridge_classes()
+    provider = make_bridge(hf_config).to_megatron_provider(load_weights=False)
+    provider.tensor_model_parallel_size = tensor_parallel
+    provider.pipeline_model_parallel_size = pipeline_parallel
+    provider.sequence_parallel = False
+    provider.seq_length = seq_length or min(model_cfg.max_position_embeddings, 4096)
+    provider.transformer_layer_spec = te_layer_spec if use_transformer_engine() else local_layer_spec
+    provider.bf16 = model_cfg.precision == "bf16"
+    provider.fp16 = model_cfg.precision == "fp16"
+    provider.params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[model_cfg.precision]
+    provider.pipeline_dtype = provider.params_dtype
+    # Dropout is off: RLHF log-probabilities must be deterministic functions of the weights.
+    provider.hidden_dropout = 0.0
+    provider.attention_dropout = 0.0
+    if not torch.cuda.is_available():
+        for name in _CPU_UNSUPPORTED_FUSIONS:
+            setattr(provider, name, False)
+        provider.use_cpu_initialization = True
+    for name, value in overrides.items():
+        setattr(provider, name, value)
+    provider.finalize()
+    return provider
+
+
+def build_gpt_model(model_cfg: ModelConfig, *, hf_config=None, wrap_with_ddp: bool = False,
+                    ddp_config=None, seq_length: Optional[int] = None, load_weights: bool = True,
+                    **provider_overrides: Any) -> list[torch.nn.Module]:
+    """Build the Megatron GPT model (one module per virtual pipeline stage) at the current layout.
+
+    Must be called after :func:`nemo_dvpo.utils.distributed.initialize_distributed`. Loads the
+    weights named by ``model_cfg.source`` unless ``load_weights`` is False or the preset asks for
+    random initialisation.
+    """
+    from megatron.core import parallel_state
+
+    hf_config = hf_config if hf_config is not None else resolve_hf_config(model_cfg)
+    provider = make_provider(
+        hf_config, model_cfg,
+        tensor_parallel=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size(),
+        seq_length=seq_length, **provider_overrides,
+    )
+    model = provider.provide_distributed_model(
+        ddp_config=ddp_config,
+        wrap_with_ddp=wrap_with_ddp,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    if load_weights and model_cfg.loads_weights:
+        load_hf_weights_into(model, model_cfg.source, hf_config)
+    return model
+
+
+def load_hf_weights_into(model: list[torch.nn.Module], source: str, hf_config=None) -> None:
+    """Copy the weights of the HF/GGUF model at ``source`` into a Megatron model (any TP/PP)."""
+    hf_config = hf_config if hf_config is not None else load_hf_config(source)
+    hf_model = load_hf_model(source, dtype=torch.float32)
+    bridge = make_bridge(hf_config, hf_model)
+    bridge.load_hf_weights(model)
+    del hf_model
+
+
+def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
+    """The bare GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def padded_vocab_size(model: list[torch.nn.Module]) -> int:
+    """Vocabulary size of the model's output layer (the tokenizer's, padded for TP)."""
+    return unwrap_model(model[0]).vocab_size

@@ -1,0 +1,192 @@
+"""Process-group and model-parallel start-up under torchrun, srun or plain ``python``.
+
+The launcher is detected from the environment:
+
+* torchrun (or any launcher that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``): used as is.
+* Slurm ``srun``: ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``; the master address is the
+  first host of ``SLURM_JOB_NODELIST`` (or ``SLURM_NODELIST``) unless ``MASTER_ADDR`` is set.
+* plain ``python``: a world of one process on a free local port.
+
+The backend is nccl when CUDA is available and gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nemo_dvpo.utils.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. Data parallelism fills the rest of the world."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    seed: int = 1234
+    timeout_minutes: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm host list such as ``gpu[01-03,07],login1`` into host names."""
+    hosts: list[str] = []
+    # Split on commas that are not inside brackets.
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        match = re.fullmatch(r"(.*?)\[([^\]]+)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            if "-" in item:
+                start, end = item.split("-", 1)
+                width = len(start)
+                hosts.extend(f"{prefix}{index:0{width}d}{suffix}" for index in range(int(start), int(end) + 1))
+            else:
+                hosts.append(f"{prefix}{item}{suffix}")
+    return hosts
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def detect_launch(environ: dict[str, str] | None = None) -> LaunchInfo:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchInfo(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        return LaunchInfo(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            master_addr=env.get("MASTER_ADDR") or expand_slurm_nodelist(nodelist)[0],
+            # Jobs sharing a node must not collide on the rendezvous port.
+            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+            launcher="slurm",
+        )
+    return LaunchInfo(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
+                      master_port=int(env.get("MASTER_PORT") or _free_port()), launcher="single")
+
+
+def validate_parallel_layout(world_size: int, parallel: ParallelConfig,
+                             num_attention_heads: int | None = None,
+                             num_query_groups: int | None = None,
+                             num_layers: int | None = None) -> None:
+    """Refuse layouts Megatron cannot shard, before any process group is created."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
+        )
+    if num_attention_heads is not None and num_attention_heads % tp != 0:
+        raise ConfigError(
+            f"tensor_model_parallel_size={tp} does not divide the model's {num_attention_heads} attention heads"
+        )
+    if num_query_groups is not None and num_query_groups % tp != 0:
+        raise ConfigError(
+            f"tensor_model_parallel_size={tp} does not divide the model's {num_query_groups} "
+            "key/value groups (num_query_groups)"
+        )
+    if num_layers is not None and num_layers % pp != 0:
+        raise ConfigError(
+            f"pipeline_model_parallel_size={pp} does not divide the model's {num_layers} layers"
+        )
+
+
+def initialize_distributed(parallel: ParallelConfig, **model_shape: int | None) -> LaunchInfo:
+    """Create the process group and Megatron's model-parallel groups; seed Megatron's RNGs.
+
+    ``model_shape`` takes ``num_attention_heads``, ``num_query_groups`` and ``num_layers`` so that
+    an impossible layout fails here with a message instead of deep inside Megatron.
+    Idempotent for the same layout.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    launch = detect_launch()
+    validate_parallel_layout(launch.world_size, parallel, **model_shape)
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(launch.local_rank)
+        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=parallel.timeout_minutes),
+        )
+
+    if parallel_state.model_parallel_is_initialized():
+        current = (parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_pipeline_model_parallel_world_size())
+        if current != (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size):
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        )
+    model_parallel_cuda_manual_seed(parallel.seed)
+    return launch
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print_rank_zero(*args, **kwargs) -> None:
+    if is_rank_zero():
+        print(*args, **kwargs, flush=True)
