@@ -50,6 +50,5 @@ def megatron_single_rank():
     """A world of one gloo process with TP=PP=1, for tests that need Megatron's parallel state."""
     from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     initialize_distributed(ParallelConfig())
     yield

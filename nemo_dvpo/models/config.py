@@ -95,7 +95,7 @@ class ModelConfig:
             rope_theta=self.rotary_base,
             tie_word_embeddings=self.tie_word_embeddings,
             hidden_act="silu",
-            torch_dtype="float32" if self.precision == "fp32" else
+            dtype="float32" if self.precision == "fp32" else
             ("bfloat16" if self.precision == "bf16" else "float16"),
         )
         if self.bos_token_id is not None:
@@ -178,6 +178,6 @@ def load_model_config(preset_or_path: str | Path | dict, **overrides: Any) -> Mo
         elif not path.exists():
             raise ConfigError(f"model config file {path} does not exist")
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        where = f"{path}"
+        where = f"{path}: model"
     data.update(overrides)
     return from_dict(ModelConfig, data, where)

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import sys
 import time
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -210,6 +212,29 @@ def _patch_gloo_scatter() -> None:
         c10d.scatter = _contiguous_scatter(c10d.scatter)
 
 
+def _quiet_expected_warnings() -> None:
+    """On CPU, megatron-core's "TE/apex not installed, falling back" notices are expected, not news."""
+    for message in (r".*(Apex|Transformer Engine)( and Apex)? (is|are) not installed.*",
+                    r".*legacy GroupedMLP will be deprecated.*",
+                    r".*full scope is deprecated.*",
+                    r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
+                    r".*`load_state_dict` is deprecated and will be removed.*"):
+        warnings.filterwarnings("ignore", message=message)
+    # megatron-bridge logs that CUDA-only fusions are unavailable; on CPU we turn them off ourselves.
+    logging.getLogger("megatron.bridge.utils.fusions").setLevel(logging.ERROR)
+
+
+def _patch_megatron_inference_checks() -> None:
+    """The inference loop asserts ``tensor.is_cuda`` before broadcasting logits between pipeline
+    stages; on CPU the same broadcast works under gloo, so keep only the not-None check."""
+    from megatron.core.inference import communication_utils
+
+    def _is_not_none(tensor: Any) -> None:
+        assert tensor is not None
+
+    communication_utils._is_cuda = _is_not_none
+
+
 def apply() -> bool:
     """Apply the CPU compatibility layer once. Returns True if it is active.
 
@@ -220,9 +245,11 @@ def apply() -> bool:
         return False
     if _APPLIED:
         return True
+    _quiet_expected_warnings()
     _patch_torch_cuda()
     _patch_megatron_rng()
     _patch_gloo_scatter()
+    _patch_megatron_inference_checks()
     _DEVICE_MODE = _CudaToCpuMode()
     _DEVICE_MODE.__enter__()
     _APPLIED = True

@@ -113,11 +113,6 @@ def validate_parallel_layout(world_size: int, parallel: ParallelConfig,
                              num_layers: int | None = None) -> None:
     """Refuse layouts Megatron cannot shard, before any process group is created."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    if world_size % (tp * pp) != 0:
-        raise ConfigError(
-            f"world size {world_size} is not a multiple of tensor_model_parallel_size x "
-            f"pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
-        )
     if num_attention_heads is not None and num_attention_heads % tp != 0:
         raise ConfigError(
             f"tensor_model_parallel_size={tp} does not divide the model's {num_attention_heads} attention heads"
@@ -130,6 +125,11 @@ def validate_parallel_layout(world_size: int, parallel: ParallelConfig,
     if num_layers is not None and num_layers % pp != 0:
         raise ConfigError(
             f"pipeline_model_parallel_size={pp} does not divide the model's {num_layers} layers"
+        )
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
         )
 
 
@@ -150,11 +150,11 @@ def initialize_distributed(parallel: ParallelConfig, **model_shape: int | None) 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(launch.local_rank)
-        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+        # The rendezvous address is passed explicitly rather than exported, so that child
+        # processes (tools a test or a script starts) do not inherit this job's port.
         dist.init_process_group(
             backend=backend,
-            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=parallel.timeout_minutes),

@@ -1,0 +1,121 @@
+"""Print a model's completions for prompts given on the command line or in a JSONL file.
+
+    python examples/generate.py prompts='["What is 2+2?","Name a colour."]'
+    python examples/generate.py model=tiny prompts_file=prompts.jsonl sampling.greedy=false sampling.temperature=0.7
+    torchrun --nproc-per-node 3 examples/generate.py parallel.tensor_model_parallel_size=3 checkpoint=DIR prompts=...
+    python examples/generate.py checkpoint=DIR interactive=true     # multi-turn chat on the terminal
+
+Every rank runs the same generation (model parallelism needs all of them); rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import hydra
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_dvpo.checkpointing.model_checkpoint import load_model_checkpoint, read_checkpoint_model_config
+from nemo_dvpo.inference.chat import apply_chat_template, encode_prompt, read_prompts_jsonl
+from nemo_dvpo.inference.generation import SamplingConfig, generate
+from nemo_dvpo.models.builder import build_gpt_model
+from nemo_dvpo.models.config import load_model_config
+from nemo_dvpo.models.sources import load_tokenizer
+from nemo_dvpo.utils.config import from_dict
+from nemo_dvpo.utils.distributed import (
+    ParallelConfig,
+    destroy_distributed,
+    initialize_distributed,
+    is_rank_zero,
+    print_rank_zero,
+)
+from nemo_dvpo.utils.errors import ConfigError, exit_on_user_error
+
+
+def load_prompts(cfg: DictConfig) -> list:
+    if (cfg.prompts is None) == (cfg.prompts_file is None):
+        raise ConfigError("give exactly one of prompts='[\"...\", ...]' or prompts_file=path.jsonl")
+    if cfg.prompts_file is not None:
+        return read_prompts_jsonl(cfg.prompts_file)
+    prompts = OmegaConf.to_container(cfg.prompts) if OmegaConf.is_config(cfg.prompts) else [cfg.prompts]
+    if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
+        raise ConfigError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    return prompts
+
+
+def load_model(cfg: DictConfig, parallel: ParallelConfig):
+    """(model, model_cfg, tokenizer) from the checkpoint if one is given, else from the preset."""
+    # The shape comes first: initialize_distributed refuses layouts the model cannot be split into.
+    model_cfg = read_checkpoint_model_config(cfg.checkpoint) if cfg.checkpoint else load_model_config(cfg.model)
+    initialize_distributed(parallel, num_attention_heads=model_cfg.num_attention_heads,
+                           num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
+    if cfg.checkpoint:
+        model, model_cfg, tokenizer = load_model_checkpoint(cfg.checkpoint)
+    else:
+        model, tokenizer = build_gpt_model(model_cfg), None
+    if tokenizer is None:
+        if model_cfg.tokenizer_source is None:
+            raise ConfigError(f"checkpoint {cfg.checkpoint} holds no tokenizer" if cfg.checkpoint
+                              else f"model {model_cfg.name!r} names no tokenizer; set model.tokenizer")
+        tokenizer = load_tokenizer(model_cfg.tokenizer_source)
+    return model, model_cfg, tokenizer
+
+
+def read_user_turn() -> str | None:
+    """Rank 0 reads a line from the terminal; every rank gets it (model parallelism needs them all)."""
+    line = [None]
+    if is_rank_zero():
+        try:
+            line[0] = input("you> ")
+        except EOFError:
+            line[0] = None
+    if dist.is_initialized():
+        dist.broadcast_object_list(line, src=0)
+    return line[0]
+
+
+def chat(model, tokenizer, sampling: SamplingConfig, eos_token_ids) -> None:
+    """A multi-turn chat: the whole conversation is re-encoded with the chat template each turn."""
+    print_rank_zero("Chat with the model. /reset starts a new conversation, /exit (or Ctrl-D) quits.")
+    history: list[dict] = []
+    while True:
+        turn = read_user_turn()
+        if turn is None or turn.strip() in ("/exit", "/quit"):
+            return
+        if turn.strip() == "/reset":
+            history = []
+            continue
+        if not turn.strip():
+            continue
+        history.append({"role": "user", "content": turn})
+        output = generate(model, tokenizer, [apply_chat_template(tokenizer, history)], sampling,
+                          eos_token_ids=eos_token_ids)
+        history.append({"role": "assistant", "content": output.response_texts[0]})
+        print_rank_zero(f"assistant> {output.response_texts[0]}")
+
+
+@hydra.main(config_path="../conf", config_name="generate", version_base=None)
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    prompts = None if cfg.interactive else load_prompts(cfg)
+    sampling = from_dict(SamplingConfig, cfg.sampling, "sampling")
+    parallel = from_dict(ParallelConfig, cfg.parallel, "parallel")
+    model, model_cfg, tokenizer = load_model(cfg, parallel)
+
+    # The tokenizer's EOS and the model's own may differ (base vs chat tokens): either ends a reply.
+    eos_token_ids = sampling.eos_token_ids or sorted(
+        {token_id for token_id in (tokenizer.eos_token_id, model_cfg.eos_token_id) if token_id is not None})
+    if cfg.interactive:
+        chat(model, tokenizer, sampling, eos_token_ids or None)
+        destroy_distributed()
+        return
+    prompt_token_ids = [encode_prompt(tokenizer, prompt, cfg.chat_template) for prompt in prompts]
+    output = generate(model, tokenizer, prompt_token_ids, sampling, eos_token_ids=eos_token_ids or None)
+
+    for index, (prompt, response) in enumerate(zip(prompts, output.response_texts)):
+        shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        print_rank_zero(f"### [{index}] {shown}\n{response}\n")
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Forward passes through Megatron GPT models at any tensor/pipeline-parallel layout.
+
+With pipeline parallelism only the last stage holds the model's output; Megatron's pipeline
+schedule (``get_forward_backward_func``) moves activations between stages. The helpers here run
+that schedule forward-only and hand the result to every rank, so callers never branch on the stage.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def broadcast_from_last_pipeline_stage(tensor: Optional[torch.Tensor], shape: tuple[int, ...],
+                                       dtype: torch.dtype) -> torch.Tensor:
+    """Give every pipeline stage the tensor that only the last stage computed."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    if not parallel_state.is_pipeline_last_stage():
+        tensor = torch.empty(shape, dtype=dtype)
+    dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor
+
+
+def forward_only(model: list[torch.nn.Module], tokens: torch.Tensor,
+                 reduce_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 output_shape: tuple[int, ...], output_dtype: torch.dtype = torch.float32,
+                 micro_batch_size: Optional[int] = None) -> torch.Tensor:
+    """Run ``model`` over ``tokens`` (batch, seq) without gradients through the pipeline schedule.
+
+    ``reduce_output(model_output, micro_batch_tokens)`` turns the last stage's raw output (the
+    vocab-parallel logits of a GPT, or the values of a value model) into the per-micro-batch result;
+    results are concatenated along the batch and returned on every rank with ``output_shape``.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch_size, seq_length = tokens.shape
+    micro_batch_size = micro_batch_size or batch_size
+    micro_batches = list(torch.split(tokens, micro_batch_size))
+    batches = iter(micro_batches)
+
+    def forward_step(data_iterator, module):
+        micro_tokens = next(data_iterator)
+        output = module(micro_tokens, position_ids_for(micro_tokens), attention_mask=None)
+
+        def collect(output_tensor, non_loss_data=True):
+            return reduce_output(output_tensor, micro_tokens)
+
+        return output, collect
+
+    was_training = [module.training for module in model]
+    for module in model:
+        module.eval()
+    with torch.no_grad():
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=batches,
+            model=model,
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    for module, training in zip(model, was_training):
+        module.train(training)
+    from megatron.core import parallel_state
+
+    local = torch.cat(results, dim=0) if parallel_state.is_pipeline_last_stage() else None
+    return broadcast_from_last_pipeline_stage(local, output_shape, output_dtype)
+
+
+def full_logits(model: list[torch.nn.Module], tokens: torch.Tensor, vocab_size: Optional[int] = None,
+                micro_batch_size: Optional[int] = None) -> torch.Tensor:
+    """Full-vocabulary logits (batch, seq, vocab) in fp32 on every rank, for checks and evaluation.
+
+    Training code should not use this: gathering the vocabulary dimension costs memory that the
+    vocab-parallel log-prob functions avoid.
+    """
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from nemo_dvpo.models.builder import padded_vocab_size
+
+    padded = padded_vocab_size(model)
+    vocab_size = vocab_size or padded
+
+    def gather(logits: torch.Tensor, micro_tokens: torch.Tensor) -> torch.Tensor:
+        return gather_from_tensor_model_parallel_region(logits.float())[..., :vocab_size]
+
+    return forward_only(model, tokens, gather, (tokens.shape[0], tokens.shape[1], vocab_size),
+                        micro_batch_size=micro_batch_size)

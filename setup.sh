@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One-command set-up of nemo_dvpo.
+#
+#   ./setup.sh            CPU machine: creates ./.venv, installs torch 2.13.0 (CPU) first, then the rest.
+#                         GPU machine / NGC container (torch with CUDA already present): installs into
+#                         that Python and keeps the container's torch, Transformer Engine and apex.
+#
+# Environment: PYTHON (interpreter to use, default python3), NEMO_DVPO_VENV (venv folder, default .venv).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${NEMO_DVPO_VENV:-.venv}
+PIP_FLAGS=(--quiet --disable-pip-version-check)
+
+# A CUDA build of torch (NGC container) is kept even where no GPU is visible, e.g. during `docker build`.
+if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1; then
+    echo "[setup] CUDA build of torch found in $("$PYTHON" -c 'import sys; print(sys.prefix)'): keeping it"
+    PY="$PYTHON"
+else
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "[setup] creating virtual environment $VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    PY="$VENV/bin/python"
+    # torch first: anything that depends on torch would otherwise pull the CUDA build (several GB).
+    echo "[setup] installing CPU torch"
+    "$PY" -m pip install "${PIP_FLAGS[@]}" -r requirements-cpu.txt
+fi
+
+echo "[setup] installing dependencies"
+"$PY" -m pip install "${PIP_FLAGS[@]}" -r requirements.txt
+"$PY" -m pip install "${PIP_FLAGS[@]}" --no-deps -r requirements-nodeps.txt
+"$PY" -m pip install "${PIP_FLAGS[@]}" --no-deps -e .
+
+"$PY" - <<'PY'
+import torch, megatron.core, transformers
+import nemo_dvpo
+from nemo_dvpo.utils.cpu_compat import import_megatron_bridge
+import_megatron_bridge()
+print(f"[setup] ok: torch {torch.__version__} (cuda={torch.cuda.is_available()}), "
+      f"megatron-core {megatron.core.__version__}, transformers {transformers.__version__}")
+PY
