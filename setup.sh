@@ -34,8 +34,8 @@ echo "[setup] installing dependencies"
 "$PY" -m pip install "${PIP_FLAGS[@]}" --no-deps -e .
 
 "$PY" - <<'PY'
+import nemo_dvpo  # first: it silences megatron-core's expected "no TE / apex" notices on CPU
 import torch, megatron.core, transformers
-import nemo_dvpo
 from nemo_dvpo.utils.cpu_compat import import_megatron_bridge
 import_megatron_bridge()
 print(f"[setup] ok: torch {torch.__version__} (cuda={torch.cuda.is_available()}), "

@@ -8,7 +8,7 @@ through the same bridge, so the mapping used for loading, exporting and building
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -110,12 +110,15 @@ def make_provider(hf_config, model_cfg: ModelConfig, tensor_parallel: int = 1, p
 
 def build_gpt_model(model_cfg: ModelConfig, *, hf_config=None, wrap_with_ddp: bool = False,
                     ddp_config=None, seq_length: Optional[int] = None, load_weights: bool = True,
+                    transform: Optional[Callable[[list[torch.nn.Module]], list[torch.nn.Module]]] = None,
                     **provider_overrides: Any) -> list[torch.nn.Module]:
     """Build the Megatron GPT model (one module per virtual pipeline stage) at the current layout.
 
-    Must be called after :func:`nemo_dvpo.utils.distributed.initialize_distributed`. Loads the
-    weights named by ``model_cfg.source`` unless ``load_weights`` is False or the preset asks for
-    random initialisation.
+    Must be called after :func:`nemo_dvpo.utils.distributed.initialize_distributed`. Order:
+    build (wrapped in Float16Module for bf16/fp16), load the weights named by ``model_cfg.source``
+    (unless ``load_weights`` is False or the preset asks for random initialisation), apply
+    ``transform`` (e.g. replace the output layer with a value head), then wrap in Megatron DDP.
+    Wrapping last means DDP's gradient buffers cover exactly the final set of parameters.
     """
     from megatron.core import parallel_state
 
@@ -127,13 +130,31 @@ def build_gpt_model(model_cfg: ModelConfig, *, hf_config=None, wrap_with_ddp: bo
         seq_length=seq_length, **provider_overrides,
     )
     model = provider.provide_distributed_model(
-        ddp_config=ddp_config,
-        wrap_with_ddp=wrap_with_ddp,
-        use_cpu_initialization=not torch.cuda.is_available(),
-    )
+        wrap_with_ddp=False, use_cpu_initialization=not torch.cuda.is_available())
     if load_weights and model_cfg.loads_weights:
         load_hf_weights_into(model, model_cfg.source, hf_config)
+    if transform is not None:
+        model = transform(model)
+    if wrap_with_ddp:
+        model = wrap_in_ddp(model, ddp_config)
     return model
+
+
+def wrap_in_ddp(model: list[torch.nn.Module], ddp_config=None) -> list[torch.nn.Module]:
+    """Megatron DDP around each model chunk; data-parallel replicas start from rank 0's weights."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.utils import get_model_config
+
+    ddp_config = ddp_config or DistributedDataParallelConfig()
+    wrapped = [
+        DistributedDataParallel(config=get_model_config(module), ddp_config=ddp_config, module=module,
+                                # Only the first chunk buckets gradients (Megatron's convention for VPP).
+                                disable_bucketing=index > 0)
+        for index, module in enumerate(model)
+    ]
+    for module in wrapped:
+        module.broadcast_params()
+    return wrapped
 
 
 def load_hf_weights_into(model: list[torch.nn.Module], source: str, hf_config=None) -> None:

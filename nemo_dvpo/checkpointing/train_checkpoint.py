@@ -1,0 +1,166 @@
+"""Training checkpoints: a model checkpoint plus everything needed to continue the run exactly.
+
+Layout (``RUN_DIR/checkpoints/step_0000100/``)::
+
+    nemo_dvpo_checkpoint.json   model checkpoint metadata (see model_checkpoint.py)
+    hf/                         HF config + tokenizer
+    weights/                    model weights (distributed checkpoint)
+    optimizer/                  optimizer state (distributed checkpoint, data-parallel reshardable)
+    trainer_state.json          step, data position, LR schedule, algorithm state (KL controller, ...)
+    rng/rank_00000.pt           per-rank torch / CUDA RNG states
+
+Because ``weights/`` and the metadata are those of a model checkpoint, every training checkpoint is
+also a model checkpoint (``load_model_checkpoint``, ``build_value_model(init_from=...)``, the
+conversion tools). ``RUN_DIR/checkpoints/latest`` names the newest complete checkpoint; it is
+rewritten atomically after the checkpoint folder is in place, so a run killed at any moment
+resumes from a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from nemo_dvpo.checkpointing.model_checkpoint import (
+    AtomicCheckpointDir,
+    _barrier,
+    _rank,
+    load_sharded_weights,
+    save_hf_artifacts,
+    write_json_atomic,
+)
+from nemo_dvpo.utils.errors import CheckpointError
+
+TRAINER_STATE_FILE = "trainer_state.json"
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        state["tracker"] = get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, model: list[torch.nn.Module], optimizer, scheduler,
+                             model_cfg, hf_config, tokenizer, kind: str, trainer_state: dict[str, Any],
+                             metadata: Optional[dict[str, Any]] = None, keep_last: int = 2) -> Path:
+    """Collective: write the checkpoint for ``step`` atomically and point ``latest`` at it."""
+    import dataclasses
+
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from nemo_dvpo.checkpointing.model_checkpoint import FORMAT_VERSION, METADATA_FILE
+    from nemo_dvpo.models.builder import unwrap_model
+
+    path = checkpoint_dir(run_dir, step)
+    module = unwrap_model(model[0])
+    with AtomicCheckpointDir(path) as staging:
+        if _rank() == 0:
+            (staging / "weights").mkdir()
+            (staging / "optimizer").mkdir()
+            (staging / "rng").mkdir()
+        _barrier()
+        model_state = module.sharded_state_dict()
+        dist_checkpointing.save(model_state, str(staging / "weights"))
+        optimizer_state = optimizer.sharded_state_dict(module.sharded_state_dict(), metadata=_OPTIMIZER_METADATA)
+        dist_checkpointing.save(optimizer_state, str(staging / "optimizer"))
+        torch.save(_rng_state(), staging / "rng" / f"rank_{_rank():05d}.pt")
+        if _rank() == 0:
+            save_hf_artifacts(staging / "hf", hf_config, tokenizer)
+            write_json_atomic(staging / TRAINER_STATE_FILE, {
+                "step": step, "scheduler": scheduler.state_dict(), **trainer_state})
+            saved_cfg = dataclasses.replace(model_cfg, source=None, tokenizer=None, random_init=False)
+            write_json_atomic(staging / METADATA_FILE, {
+                "format_version": FORMAT_VERSION,
+                "kind": kind,
+                "model": dataclasses.asdict(saved_cfg),
+                "saved_with": {
+                    "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                    "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+                    "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+                },
+                "has_tokenizer": tokenizer is not None,
+                "step": step,
+                **(metadata or {}),
+            })
+    if _rank() == 0:
+        _point_latest_at(run_dir, path)
+        _remove_old_checkpoints(run_dir, keep_last)
+    _barrier()
+    return path
+
+
+def _point_latest_at(run_dir: str | Path, path: Path) -> None:
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    tmp = latest.with_name(".latest.tmp")
+    tmp.write_text(path.name + "\n")
+    with open(tmp) as handle:
+        os.fsync(handle.fileno())
+    tmp.replace(latest)
+
+
+def _remove_old_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    folders = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.is_dir())
+    for old in folders[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint of a run, or None if it has none."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    if not latest.exists():
+        return None
+    path = latest.parent / latest.read_text().strip()
+    if not (path / TRAINER_STATE_FILE).exists():
+        raise CheckpointError(f"{latest} names {path.name}, which is missing or incomplete")
+    return path
+
+
+def load_training_checkpoint(path: str | Path, model: list[torch.nn.Module], optimizer, scheduler) -> dict:
+    """Collective: restore model, optimizer, schedule and RNG; return the trainer state dict."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_dvpo.models.builder import unwrap_model
+
+    path = Path(path)
+    for required in ("weights", "optimizer", TRAINER_STATE_FILE):
+        if not (path / required).exists():
+            raise CheckpointError(f"training checkpoint {path} is incomplete: {required} is missing")
+    load_sharded_weights(model, path / "weights")
+    module = unwrap_model(model[0])
+    with torch.no_grad():
+        optimizer_state = optimizer.sharded_state_dict(module.sharded_state_dict(), is_loading=True,
+                                                       metadata=_OPTIMIZER_METADATA)
+        optimizer.load_state_dict(dist_checkpointing.load(optimizer_state, str(path / "optimizer")))
+    trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
+    scheduler.load_state_dict(trainer_state.pop("scheduler"))
+    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    # A run resumed on more ranks than it was saved from has no stream for the new ranks: its data
+    # order is still exact (a function of the step); only their sampling streams start from seeds.
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state

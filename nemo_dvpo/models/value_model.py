@@ -1,0 +1,113 @@
+"""The Global Value Model: a megatron-core GPT whose output layer is a per-token value head.
+
+The trunk is the policy's architecture (any preset, any TP/PP); on the last pipeline stage the
+vocabulary projection is replaced by a ``hidden -> 1`` linear head, so ``model(tokens, ...)``
+returns values of shape (batch, seq, 1) where a GPT returns logits. The head
+
+* is kept in fp32 even when the trunk runs in bf16 (the targets are small returns around +-1,
+  and bf16's 8-bit mantissa would quantise them),
+* is zero-initialised (every token starts at value 0, the midpoint of the +-1 labels), and
+* is replicated across tensor-parallel ranks: its input, the final hidden state, is identical on
+  every TP rank, so the head's gradients are too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nemo_dvpo.models.builder import build_gpt_model, unwrap_model
+from nemo_dvpo.models.config import ModelConfig
+
+
+class ValueHead(torch.nn.Module):
+    """Stands in for ``GPTModel.output_layer``: same call signature, one output per token.
+
+    Its parameters are named ``weight`` and ``bias`` because megatron-core's language-model
+    checkpointing expects ``output_layer.weight`` on the last stage.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=torch.float32))
+
+    def forward(self, hidden_states: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None):
+        values = torch.nn.functional.linear(hidden_states.float(), self.weight, self.bias)
+        return values, None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        # Empty axis map: replicated across tensor-parallel ranks.
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {},
+                                                   sharded_offsets)
+
+
+def attach_value_head(model: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Replace the vocabulary projection of each last-stage chunk with a fresh :class:`ValueHead`."""
+    for chunk in model:
+        gpt = unwrap_model(chunk)
+        # Every stage must agree: with tied embeddings Megatron all-reduces the embedding gradient
+        # between the first and last stage, and the last stage no longer holds an embedding copy.
+        gpt.share_embeddings_and_output_weights = False
+        if gpt.post_process:
+            gpt.output_layer = ValueHead(gpt.config.hidden_size)
+    return model
+
+
+def value_head(model: list[torch.nn.Module]) -> Optional[ValueHead]:
+    """The value head on this rank (None on pipeline stages before the last)."""
+    gpt = unwrap_model(model[-1])
+    return gpt.output_layer if gpt.post_process else None
+
+
+def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None, wrap_with_ddp: bool = False,
+                      ddp_config=None, seq_length: Optional[int] = None) -> list[torch.nn.Module]:
+    """A GVM at the current TP/PP layout.
+
+    ``init_from`` selects the trunk's weights: None takes ``model_cfg.source`` (an HF folder, hub id
+    or GGUF file); a nemo_dvpo model checkpoint folder loads that model's trunk; a GVM checkpoint
+    (``kind == "gvm"``) restores trunk and head. The head is fresh (zero) unless restored. With a
+    checkpoint, only ``model_cfg.precision`` is taken from ``model_cfg``; the shape is the checkpoint's.
+    """
+    from nemo_dvpo.checkpointing.model_checkpoint import (
+        load_hf_config_from_checkpoint,
+        load_sharded_weights,
+        read_checkpoint_metadata,
+        read_checkpoint_model_config,
+    )
+
+    if init_from is None:
+        return build_gpt_model(model_cfg, wrap_with_ddp=wrap_with_ddp, ddp_config=ddp_config,
+                               seq_length=seq_length, transform=attach_value_head)
+    metadata = read_checkpoint_metadata(init_from)
+    hf_config = load_hf_config_from_checkpoint(init_from)
+    # The checkpoint defines the shape; the caller chooses the precision to run in.
+    model_cfg = dataclasses.replace(read_checkpoint_model_config(init_from), precision=model_cfg.precision)
+    weights = Path(init_from) / "weights"
+    if metadata["kind"] == "gvm":
+        def transform(model):
+            attach_value_head(model)
+            load_sharded_weights(model, weights)
+            return model
+    else:
+        def transform(model):
+            # The trunk's own output layer is loaded and then discarded by the head swap.
+            load_sharded_weights(model, weights)
+            return attach_value_head(model)
+    return build_gpt_model(model_cfg, hf_config=hf_config, load_weights=False, wrap_with_ddp=wrap_with_ddp,
+                           ddp_config=ddp_config, seq_length=seq_length, transform=transform)
+
+
+def token_values(model: list[torch.nn.Module], tokens: torch.Tensor,
+                 micro_batch_size: Optional[int] = None) -> torch.Tensor:
+    """Per-token values (batch, seq) in fp32 on every rank, without gradients."""
+    from nemo_dvpo.models.forward import forward_only
+
+    return forward_only(model, tokens, lambda values, micro_tokens: values.squeeze(-1).float(),
+                        tuple(tokens.shape), micro_batch_size=micro_batch_size)

@@ -1,0 +1,66 @@
+"""Metrics: TensorBoard scalars and a JSONL log on rank 0, a progress bar, peak memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nemo_dvpo.utils.distributed import is_rank_zero
+
+
+def peak_memory_mib() -> float:
+    """Peak GPU memory allocated by this process, or its peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsLogger:
+    """Writes ``{step, metrics}`` to TensorBoard and ``metrics.jsonl`` under ``run_dir`` (rank 0 only).
+
+    The JSONL file is appended to, so a resumed run continues the same log; entries at or after
+    the resume step are dropped first so that the log shows each step once.
+    """
+
+    def __init__(self, run_dir: str | Path, resume_step: Optional[int] = None):
+        self.enabled = is_rank_zero()
+        self.writer = None
+        self.jsonl_path = Path(run_dir) / "metrics.jsonl"
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.jsonl_path.exists():
+            kept = [line for line in self.jsonl_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.jsonl_path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.jsonl_path.exists():
+            self.jsonl_path.unlink()
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        with open(self.jsonl_path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def progress_bar(total: int, initial: int = 0, description: str = ""):
+    """A tqdm bar on rank 0 (on stderr); other ranks get a silent stand-in with the same methods."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=description, disable=not is_rank_zero(),
+                dynamic_ncols=True, file=sys.stderr)
