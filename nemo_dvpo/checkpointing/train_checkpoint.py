@@ -140,6 +140,45 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return path
 
 
+def _prime_adam_state(optimizer) -> None:
+    """Give a fresh optimizer zero Adam state, which loading then overwrites.
+
+    megatron-core's DistributedOptimizer (without apex/TE) reads Adam's ``step`` from the torch
+    optimizer's per-parameter state when building the state dict to load into; a never-stepped
+    optimizer has none and fails an assertion.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if not isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                state = torch_optimizer.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+
+
+def _restore_adam_step(optimizer) -> None:
+    """Copy Adam's step count from the loaded param groups into the per-parameter state.
+
+    Without apex/TE, megatron-core's DistributedOptimizer checkpoints the step as a param-group
+    entry, but torch's Adam reads it from each parameter's state; left at zero, the bias
+    correction of every later update would be wrong.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if not isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in torch_optimizer.param_groups:
+            if group.get("step") is None:
+                continue
+            for param in group["params"]:
+                if "step" in torch_optimizer.state[param]:
+                    torch_optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
+
+
 def load_training_checkpoint(path: str | Path, model: list[torch.nn.Module], optimizer, scheduler) -> dict:
     """Collective: restore model, optimizer, schedule and RNG; return the trainer state dict."""
     from megatron.core import dist_checkpointing
@@ -153,9 +192,11 @@ def load_training_checkpoint(path: str | Path, model: list[torch.nn.Module], opt
     load_sharded_weights(model, path / "weights")
     module = unwrap_model(model[0])
     with torch.no_grad():
+        _prime_adam_state(optimizer)
         optimizer_state = optimizer.sharded_state_dict(module.sharded_state_dict(), is_loading=True,
                                                        metadata=_OPTIMIZER_METADATA)
         optimizer.load_state_dict(dist_checkpointing.load(optimizer_state, str(path / "optimizer")))
+        _restore_adam_step(optimizer)
     trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
     scheduler.load_state_dict(trainer_state.pop("scheduler"))
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"

@@ -143,6 +143,7 @@ def initialize_distributed(parallel: ParallelConfig, **model_shape: int | None) 
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    quiet_megatron_logging()
     launch = detect_launch()
     validate_parallel_layout(launch.world_size, parallel, **model_shape)
 
@@ -172,6 +173,15 @@ def initialize_distributed(parallel: ParallelConfig, **model_shape: int | None) 
         )
     model_parallel_cuda_manual_seed(parallel.seed)
     return launch
+
+
+def quiet_megatron_logging() -> None:
+    """megatron-core logs every parameter of every DDP bucket and its full optimizer config at
+    INFO; entry points keep their own INFO output and see only megatron's warnings."""
+    import logging
+
+    for name in ("megatron.core", "megatron.bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def destroy_distributed() -> None:
