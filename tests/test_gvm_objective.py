@@ -102,3 +102,15 @@ def test_sequence_summaries_and_pairwise_accuracy_by_hand():
     # Ties are not wins: mean wins 1 of 3, last wins 2 of 3.
     accuracy = pairwise_accuracy(chosen, rejected)
     assert accuracy["mean"] == pytest.approx(1 / 3) and accuracy["last"] == pytest.approx(2 / 3)
+
+
+def test_value_colours_and_html_rendering():
+    from nemo_dvpo.evaluation.visualize import TokenValueRow, render_html, value_colour
+
+    assert value_colour(0.0) == (255, 255, 255)
+    assert value_colour(1.0) == (0, 255, 0) and value_colour(5.0) == (0, 255, 0)
+    assert value_colour(-0.5) == (255, 128, 128)
+    page = render_html([TokenValueRow("chosen", "Q?", ["A", "<b>"], [0.5, -1.0])], "t")
+    # Token text is escaped: a token that looks like markup is shown, not interpreted.
+    assert ">&lt;b&gt;</span>" in page and "<b>" not in page
+    assert "title='+0.5000'" in page and "title='-1.0000'" in page

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 FIXTURE = "tests/fixtures/ultrafeedback_binarized_mini.jsonl"
@@ -31,14 +33,24 @@ def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
     return {record["step"]: (record["train/loss"], record["eval/accuracy_mean"]) for record in records}
 
 
-def test_killed_and_resumed_run_reproduces_the_uninterrupted_curve(tmp_path, smollm2_hf_folder):
-    uninterrupted = tmp_path / "uninterrupted"
-    completed = subprocess.run(_command(uninterrupted), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, smollm2_hf_folder) -> Path:
+    """One complete 12-step run of the recipe on the tiny model."""
+    run_dir = tmp_path_factory.mktemp("gvm") / "uninterrupted"
+    completed = subprocess.run(_command(run_dir), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
                                timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    final = json.loads((uninterrupted / "final" / "nemo_dvpo_checkpoint.json").read_text())
-    assert final["kind"] == "gvm" and final["gvm"]["value_stats"]["num_tokens"] > 0
+    return run_dir
 
+
+def test_final_gvm_carries_its_value_statistics(uninterrupted):
+    final = json.loads((uninterrupted / "final" / "nemo_dvpo_checkpoint.json").read_text())
+    assert final["kind"] == "gvm" and final["step"] == 12
+    assert final["gvm"]["value_stats"]["num_tokens"] > 0 and final["gvm"]["value_stats"]["std"] > 0
+    assert (final["gvm"]["gamma"], final["gvm"]["lam"]) == (1.0, 0.95)
+
+
+def test_killed_and_resumed_run_reproduces_the_uninterrupted_curve(uninterrupted, tmp_path):
     # Kill a second run with SIGKILL as soon as it has written its first checkpoint.
     killed = tmp_path / "killed"
     process = subprocess.Popen(_command(killed), cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL,
@@ -62,6 +74,34 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_curve(tmp_path, smo
     assert actual == expected
     # Training moved the loss: equality is not a frozen model's.
     assert expected[12][0] != expected[1][0]
+
+
+def test_eval_tool_reproduces_the_recipes_held_out_accuracy(uninterrupted, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "tools/eval_gvm.py", "--gvm", str(uninterrupted / "final"), "--data", FIXTURE,
+         "--max-pairs", "8", "--output", str(tmp_path / "eval.json")],
+        cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["pairs"] == 8
+    logged = json.loads((uninterrupted / "metrics.jsonl").read_text().splitlines()[-1])
+    for name in ("mean", "last", "p1", "p99"):
+        assert result["accuracy"][name] == pytest.approx(logged[f"eval/accuracy_{name}"], abs=1e-6), name
+
+
+def test_visualize_tool_writes_html_and_png(uninterrupted, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "tools/visualize_gvm.py", "--gvm", str(uninterrupted / "final"), "--prompt", "What is 2+2?",
+         "--response", "2 + 2 = 4.", "--response", "It is 5.", "--out-dir", str(tmp_path / "view")],
+        cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    page = (tmp_path / "view" / "gvm_values.html").read_text()
+    assert page.count("class='row'") == 2 and "It is 5." not in page  # tokens are spans, not one string
+    assert "title='" in page
+    from PIL import Image
+
+    with Image.open(tmp_path / "view" / "gvm_values.png") as image:
+        assert image.size[0] == 1000 and image.size[1] > 100
 
 
 def test_bad_config_is_a_clear_error(tmp_path):
