@@ -167,25 +167,34 @@ def save_model_checkpoint(model: list[torch.nn.Module], path: str | Path, model_
                           hf_config, tokenizer=None, kind: str = "model",
                           extra: Optional[dict[str, Any]] = None) -> Path:
     """Collective: save model weights + config + tokenizer atomically to ``path``."""
-    from megatron.core import parallel_state
-
     with AtomicCheckpointDir(path) as staging:
         save_sharded_weights(model, staging / "weights")
         if _rank() == 0:
             save_hf_artifacts(staging / "hf", hf_config, tokenizer)
-            saved_cfg = dataclasses.replace(model_cfg, source=None, tokenizer=None, random_init=False)
-            write_json_atomic(staging / METADATA_FILE, {
-                "format_version": FORMAT_VERSION,
-                "kind": kind,
-                "model": dataclasses.asdict(saved_cfg),
-                "saved_with": {
-                    "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-                    "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-                },
-                "has_tokenizer": tokenizer is not None,
-                **(extra or {}),
-            })
+            write_json_atomic(staging / METADATA_FILE, checkpoint_metadata(model_cfg, kind, tokenizer, extra))
     return Path(path)
+
+
+def checkpoint_metadata(model_cfg: ModelConfig, kind: str, tokenizer, extra: Optional[dict[str, Any]] = None) -> dict:
+    """What ``nemo_dvpo_checkpoint.json`` records: the model config and the layout it was saved at.
+
+    The weight and tokenizer sources are dropped: the checkpoint itself is now the source.
+    """
+    from megatron.core import parallel_state
+
+    saved_cfg = dataclasses.replace(model_cfg, source=None, tokenizer=None, random_init=False)
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "model": dataclasses.asdict(saved_cfg),
+        "saved_with": {
+            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+            "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        },
+        "has_tokenizer": tokenizer is not None,
+        **(extra or {}),
+    }
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict:

@@ -27,9 +27,11 @@ from typing import Any, Optional
 import torch
 
 from nemo_dvpo.checkpointing.model_checkpoint import (
+    METADATA_FILE,
     AtomicCheckpointDir,
     _barrier,
     _rank,
+    checkpoint_metadata,
     load_sharded_weights,
     save_hf_artifacts,
     write_json_atomic,
@@ -67,11 +69,8 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: list[torch.n
                              model_cfg, hf_config, tokenizer, kind: str, trainer_state: dict[str, Any],
                              metadata: Optional[dict[str, Any]] = None, keep_last: int = 2) -> Path:
     """Collective: write the checkpoint for ``step`` atomically and point ``latest`` at it."""
-    import dataclasses
+    from megatron.core import dist_checkpointing
 
-    from megatron.core import dist_checkpointing, parallel_state
-
-    from nemo_dvpo.checkpointing.model_checkpoint import FORMAT_VERSION, METADATA_FILE
     from nemo_dvpo.models.builder import unwrap_model
 
     path = checkpoint_dir(run_dir, step)
@@ -91,20 +90,8 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: list[torch.n
             save_hf_artifacts(staging / "hf", hf_config, tokenizer)
             write_json_atomic(staging / TRAINER_STATE_FILE, {
                 "step": step, "scheduler": scheduler.state_dict(), **trainer_state})
-            saved_cfg = dataclasses.replace(model_cfg, source=None, tokenizer=None, random_init=False)
-            write_json_atomic(staging / METADATA_FILE, {
-                "format_version": FORMAT_VERSION,
-                "kind": kind,
-                "model": dataclasses.asdict(saved_cfg),
-                "saved_with": {
-                    "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-                    "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-                    "data_parallel_size": parallel_state.get_data_parallel_world_size(),
-                },
-                "has_tokenizer": tokenizer is not None,
-                "step": step,
-                **(metadata or {}),
-            })
+            write_json_atomic(staging / METADATA_FILE, checkpoint_metadata(
+                model_cfg, kind, tokenizer, {"step": step, **(metadata or {})}))
     if _rank() == 0:
         _point_latest_at(run_dir, path)
         _remove_old_checkpoints(run_dir, keep_last)

@@ -7,7 +7,7 @@ steps. Losses are per-micro-batch means; the schedule divides by the number of m
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -90,8 +90,3 @@ def train_step(model: list[torch.nn.Module], optimizer, scheduler, micro_batches
     metrics["update_skipped"] = float(not update_successful)
     return metrics
 
-
-def pad_micro_batches(items: Iterable, micro_batch_size: int) -> list:
-    """Split a sequence into consecutive micro-batches of ``micro_batch_size`` (the last may be short)."""
-    items = list(items)
-    return [items[start:start + micro_batch_size] for start in range(0, len(items), micro_batch_size)]
