@@ -196,11 +196,11 @@ class GVMRecipe:
         samples = self.train_data.samples
         batch_size = self.cfg.train.global_batch_size
         start = step * batch_size
-        chosen = []
+        indices = []
         for position in range(start, start + batch_size):
             epoch, offset = divmod(position, len(samples))
-            chosen.append(self._order(epoch)[offset])
-        mine = chosen[self.dp_rank * self.sequences_per_rank:(self.dp_rank + 1) * self.sequences_per_rank]
+            indices.append(self._order(epoch)[offset])
+        mine = indices[self.dp_rank * self.sequences_per_rank:(self.dp_rank + 1) * self.sequences_per_rank]
         return [samples[index] for index in mine]
 
     def _order(self, epoch: int) -> list[int]:
