@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from nemo_dvpo.models.attention import local_layer_spec
 from nemo_dvpo.models.config import ModelConfig
 from nemo_dvpo.models.sources import load_hf_config, load_hf_model
 from nemo_dvpo.utils import cpu_compat
@@ -27,10 +28,10 @@ _CPU_UNSUPPORTED_FUSIONS = (
 def _bridge_classes():
     cpu_compat.import_megatron_bridge()
     from megatron.bridge import AutoBridge
-    from megatron.bridge.models.gpt_provider import local_layer_spec, transformer_engine_layer_spec
+    from megatron.bridge.models.gpt_provider import transformer_engine_layer_spec
     from megatron.bridge.models.hf_pretrained.causal_lm import PreTrainedCausalLM
 
-    return AutoBridge, PreTrainedCausalLM, local_layer_spec, transformer_engine_layer_spec
+    return AutoBridge, PreTrainedCausalLM, transformer_engine_layer_spec
 
 
 def use_transformer_engine() -> bool:
@@ -58,7 +59,7 @@ def make_bridge(hf_config, hf_model: Optional[torch.nn.Module] = None, for_expor
     ``for_export`` attaches a meta-device HF model: exporting needs the HF parameter names (the
     bridge orders its conversion tasks by them) but none of their memory.
     """
-    AutoBridge, PreTrainedCausalLM, _, _ = _bridge_classes()
+    AutoBridge, PreTrainedCausalLM, _ = _bridge_classes()
     if not getattr(hf_config, "architectures", None):
         raise ConfigError(f"the model config has no 'architectures' entry: {hf_config}")
     if not AutoBridge.supports(hf_config):
@@ -84,7 +85,7 @@ def make_bridge(hf_config, hf_model: Optional[torch.nn.Module] = None, for_expor
 def make_provider(hf_config, model_cfg: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                   seq_length: Optional[int] = None, **overrides: Any):
     """A finalized megatron-bridge ``GPTModelProvider`` for the current parallel layout."""
-    _, _, local_layer_spec, te_layer_spec = _bridge_classes()
+    _, _, te_layer_spec = _bridge_classes()
     provider = make_bridge(hf_config).to_megatron_provider(load_weights=False)
     provider.tensor_model_parallel_size = tensor_parallel
     provider.pipeline_model_parallel_size = pipeline_parallel
