@@ -38,6 +38,8 @@ import nemo_dvpo  # first: it silences megatron-core's expected "no TE / apex" n
 import torch, megatron.core, transformers
 from nemo_dvpo.utils.cpu_compat import import_megatron_bridge
 import_megatron_bridge()
+from nemo_dvpo.data.verifiable import instruction_registry
+instruction_registry()  # lm-eval's IFEval registry imports, NLTK's punkt tables are in place
 print(f"[setup] ok: torch {torch.__version__} (cuda={torch.cuda.is_available()}), "
       f"megatron-core {megatron.core.__version__}, transformers {transformers.__version__}")
 PY
