@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,7 +55,7 @@ from nemo_dvpo.utils.distributed import (
     initialize_distributed,
     print_rank_zero,
 )
-from nemo_dvpo.utils.errors import ConfigError, exit_on_user_error
+from nemo_dvpo.utils.errors import ConfigError
 
 
 @dataclass
@@ -88,8 +87,8 @@ class GVMTrainConfig:
 
 @dataclass
 class DataSplits:
-    train: str = "data/preference/train_pairs.jsonl"
-    eval: Optional[str] = "data/preference/heldout_pairs.jsonl"
+    train: str = "data/smollm2_ifeval/pairs_train.jsonl"
+    eval: Optional[str] = "data/smollm2_ifeval/pairs_heldout.jsonl"
     processing: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
 
 
@@ -165,6 +164,7 @@ class GVMRecipe:
         configure_for_training(self.model, self.optimizer)
 
         self.start_step = 0
+        self.last_accuracy: Optional[dict[str, float]] = None
         checkpoint = latest_checkpoint(cfg.run_dir) if cfg.resume else None
         if cfg.resume and checkpoint is None:
             print_rank_zero(f"[gvm] resume=true but {cfg.run_dir} has no checkpoint yet: starting fresh")
@@ -253,7 +253,7 @@ class GVMRecipe:
     def train(self) -> None:
         cfg, train = self.cfg, self.cfg.train
         bar = progress_bar(train.steps, initial=self.start_step, description="gvm")
-        last_accuracy = float("nan")
+        shown_accuracy = float("nan")
         for step in range(self.start_step, train.steps):
             started = time.perf_counter()
             # step 1. the step's batch
@@ -273,17 +273,20 @@ class GVMRecipe:
             completed = step + 1
             # step 4. evaluation, logging, checkpoints
             if self.eval_pairs and (completed % train.eval_every == 0 or completed == train.steps):
-                metrics.update({f"eval/accuracy_{name}": value for name, value in self.evaluate().items()})
-                last_accuracy = metrics["eval/accuracy_mean"]
+                self.last_accuracy = self.evaluate()
+                metrics.update({f"eval/accuracy_{name}": value for name, value in self.last_accuracy.items()})
+                shown_accuracy = metrics["eval/accuracy_mean"]
             self.logger.log(completed, {name if "/" in name else f"train/{name}": value
                                         for name, value in metrics.items()})
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", held_out_acc=f"{last_accuracy:.3f}",
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", held_out_acc=f"{shown_accuracy:.3f}",
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
             if completed % train.save_every == 0 and completed < train.steps:
                 self.save_training(completed)
         bar.close()
-        self.save_final()
+        if self.last_accuracy is None and self.eval_pairs:
+            self.last_accuracy = self.evaluate()
+        self.save_final(self.last_accuracy)
 
     def evaluate(self) -> dict[str, float]:
         size = self.cfg.train.eval_micro_batch_size
@@ -304,7 +307,7 @@ class GVMRecipe:
         return {"gamma": train.gamma, "lam": train.lam, "value_stats": value_stats,
                 "chat_template": self.cfg.data.processing.chat_template}
 
-    def save_final(self) -> None:
+    def save_final(self, eval_accuracy: Optional[dict[str, float]] = None) -> None:
         """The final GVM, with the mean/std of its values over training responses for stage 2."""
         samples = self.train_data.samples[: self.cfg.train.value_stats_samples]
         size = self.cfg.train.eval_micro_batch_size
@@ -316,21 +319,11 @@ class GVMRecipe:
         stats = value_statistics(torch.cat(values), torch.cat(masks))
         final = Path(self.cfg.run_dir) / "final"
         save_model_checkpoint(self.model, final, self.cfg.model, self.hf_config, self.tokenizer, kind="gvm",
-                              extra={"gvm": self._gvm_metadata(stats), "step": self.cfg.train.steps})
+                              extra={"gvm": {**self._gvm_metadata(stats), "eval_accuracy": eval_accuracy},
+                                     "step": self.cfg.train.steps})
         print_rank_zero(f"[gvm] saved {final} (value mean {stats['mean']:+.4f}, std {stats['std']:.4f})")
 
     def cleanup(self) -> None:
         self.logger.close()
         destroy_distributed()
 
-
-@hydra.main(config_path="../conf", config_name="gvm", version_base=None)
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    recipe = GVMRecipe(parse_config(cfg))
-    recipe.train()
-    recipe.cleanup()
-
-
-if __name__ == "__main__":
-    main()

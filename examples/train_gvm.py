@@ -1,0 +1,27 @@
+"""Stage 1 of DVPO: train a Global Value Model (GVM) on preference data with a TD(lambda) loss.
+
+    python examples/train_gvm.py                                     # SmolLM2 on the shipped preference set
+    python examples/train_gvm.py run_dir=runs/gvm resume=true        # continue a killed run
+    torchrun --nproc-per-node 8 examples/train_gvm.py model=llama3_8b model.source=/models/Meta-Llama-3-8B \
+        data.train=/data/uf_value.jsonl data.eval=/data/uf_test.jsonl parallel.tensor_model_parallel_size=4
+
+The recipe (the training loop, step by step) is nemo_dvpo/recipes/gvm.py; settings are conf/gvm.yaml.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from nemo_dvpo.recipes.gvm import GVMRecipe, parse_config
+from nemo_dvpo.utils.errors import exit_on_user_error
+
+
+@hydra.main(config_path="../conf", config_name="gvm", version_base=None)
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    recipe = GVMRecipe(parse_config(cfg))
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The DVPO recipe on the tiny model: TP=2 and PP=2 equal TP=1, frozen models stay frozen, the main job
+runs end to end (stage 1, stage 2, summary, HF export) and a killed run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_dvpo.checkpointing.model_checkpoint import save_model_checkpoint
+from nemo_dvpo.models.config import load_model_config
+from nemo_dvpo.models.sources import load_tokenizer
+from nemo_dvpo.models.value_model import build_value_model, value_head
+from nemo_dvpo.utils.distributed import ParallelConfig
+from tests.conftest import REPO_ROOT, run_torchrun
+from tests.distributed.common import megatron_from_hf, random_hf_model
+
+STEP_METRICS = ("rollout/kl", "rollout/gvm_value_mean", "rollout/advantage_std", "rollout/entropy",
+                "train/pg_loss", "train/kl_loss", "train/grad_norm", "train/clip_fraction", "train/approx_kl")
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory, megatron_single_rank) -> Path:
+    """A tiny random policy checkpoint (init/) and a GVM (gvm/) with a non-zero value head."""
+    work_dir = tmp_path_factory.mktemp("dvpo")
+    model_cfg = load_model_config("tiny")
+    tokenizer = load_tokenizer(model_cfg.tokenizer_source)
+    hf_model = random_hf_model(model_cfg)
+    policy = megatron_from_hf(model_cfg, hf_model, ParallelConfig())
+    save_model_checkpoint(policy, work_dir / "init", model_cfg, hf_model.config, tokenizer, kind="policy")
+    gvm = build_value_model(model_cfg, init_from=str(work_dir / "init"))
+    with torch.no_grad():
+        value_head(gvm).weight.copy_(torch.randn(value_head(gvm).weight.shape, generator=torch.Generator().manual_seed(0)))
+    save_model_checkpoint(gvm, work_dir / "gvm", model_cfg, hf_model.config, tokenizer, kind="gvm",
+                          extra={"gvm": {"gamma": 1.0, "lam": 0.95, "chat_template": True,
+                                         "value_stats": {"mean": 0.0, "std": 1.0, "num_tokens": 1}}})
+    return work_dir
+
+
+@pytest.fixture(scope="module")
+def tp1_result(work_dir, tmp_path_factory):
+    return run_torchrun("dvpo_steps.py", 1, str(work_dir), "1", "1", tmp_path=tmp_path_factory.mktemp("tp1"))
+
+
+def test_two_steps_train_the_policy_and_leave_gvm_and_reference_bit_identical(tp1_result):
+    assert tp1_result["policy_changed"]
+    assert tp1_result["frozen_unchanged"]
+    assert tp1_result["frozen_have_no_grad"]
+    first, second = tp1_result["metrics"]
+    # Step 1 samples from the starting policy, which is the reference: no KL yet.
+    assert first["rollout/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert second["rollout/kl"] > 1e-4
+    assert first["train/grad_norm"] > 0
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_two_steps_at_tp2_and_pp2_equal_tp1(work_dir, tp1_result, tp, pp, tmp_path):
+    result = run_torchrun("dvpo_steps.py", tp * pp, str(work_dir), str(tp), str(pp), tmp_path=tmp_path)
+    assert result["rollouts"] == tp1_result["rollouts"], "the sampled tokens differ between layouts"
+    for expected, actual in zip(tp1_result["metrics"], result["metrics"]):
+        for name in STEP_METRICS:
+            assert actual[name] == pytest.approx(expected[name], rel=2e-3, abs=2e-5), name
+    torch.testing.assert_close(torch.tensor(result["logits"]), torch.tensor(tp1_result["logits"]),
+                               rtol=1e-3, atol=2e-4)
+    assert result["frozen_unchanged"] and result["policy_changed"]
+
+
+def _env() -> dict:
+    return {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
+
+
+def _command(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "examples/train_dvpo.py", "model=tiny", f"run_dir={run_dir}",
+            "rollout.prompts_per_step=4", "rollout.sampling.max_new_tokens=10", "ppo.micro_batch_size=1",
+            "data.max_prompt_tokens=96", "eval.num_prompts=4", "eval.batch_size=4", "eval.max_new_tokens=8",
+            "optim.lr=1e-3", *overrides]
+
+
+def _step_metrics(run_dir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {record["step"]: {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
+            for record in records}
+
+
+def test_main_job_trains_a_gvm_first_then_the_policy_and_exports_it(tmp_path):
+    run_dir = tmp_path / "main"
+    completed = subprocess.run(_command(run_dir, "train.steps=2", "gvm_training.train.steps=2",
+                                        "gvm_training.train.eval_every=1"),
+                               cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-6000:]
+    assert "stage 1 trains one first" in output and "DVPO summary" in output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["gvm"] == str(run_dir / "gvm" / "final")
+    assert set(summary["gvm_heldout_accuracy"]) >= {"mean", "last", "p1", "p99"}
+    assert summary["verifiable_score_before"]["num_prompts"] == 4
+    assert summary["verifiable_score_after"]["num_prompts"] == 4
+    assert summary["steps_this_run"] == 2 and summary["median_step_s"] > 0
+    assert sorted(_step_metrics(run_dir)) == [1, 2]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    hf_tokenizer = AutoTokenizer.from_pretrained(run_dir / "hf")
+    prompt = hf_tokenizer("Hello", return_tensors="pt")
+    generated = hf_model.generate(**prompt, max_new_tokens=4, do_sample=False,
+                                  pad_token_id=hf_tokenizer.eos_token_id)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
+
+
+def test_bad_config_fails_at_start_up_naming_the_field(tmp_path):
+    completed = subprocess.run(_command(tmp_path / "bad", "ppo.advantage_mode=value", "kl.placement=reward"),
+                               cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    assert "kl.placement=reward needs ppo.advantage_mode=gae" in completed.stderr + completed.stdout
+
+
+def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(work_dir, tmp_path):
+    given_gvm = (f"init_from={work_dir / 'init'}", f"gvm={work_dir / 'gvm'}", "train.steps=4", "train.save_every=1",
+                 "export_hf=false")
+    uninterrupted = tmp_path / "uninterrupted"
+    completed = subprocess.run(_command(uninterrupted, *given_gvm), cwd=REPO_ROOT, env=_env(),
+                               capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-6000:]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_command(killed, *given_gvm), cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not (killed / "checkpoints" / "latest").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists(), "the run finished before the kill: nothing was tested"
+
+    completed = subprocess.run(_command(killed, *given_gvm, "resume=true"), cwd=REPO_ROOT, env=_env(),
+                               capture_output=True, text=True, timeout=900)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-6000:]
+    assert "resumed from" in output
+    expected, actual = _step_metrics(uninterrupted), _step_metrics(killed)
+    assert sorted(actual) == [1, 2, 3, 4]
+    assert actual == expected
+    assert expected[4]["rollout/kl"] != expected[1]["rollout/kl"]
+    before = json.loads((uninterrupted / "summary.json").read_text())["verifiable_score_before"]
+    assert json.loads((killed / "summary.json").read_text())["verifiable_score_before"] == before
