@@ -85,11 +85,17 @@ class RolloutConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0))
     # Sequences per forward pass when scoring a rollout (old/reference log-probs, GVM values).
     forward_micro_batch_size: int = 8
+    # PPO's old log-probs: "generation" takes those the sampler computed (free; exact when no top-k /
+    # top-p filter reshapes the sampling distribution), "recompute" runs a policy forward pass.
+    old_logprobs: Literal["generation", "recompute"] = "generation"
 
     def __post_init__(self) -> None:
         if self.prompts_per_step < 1 or self.samples_per_prompt < 1 or self.forward_micro_batch_size < 1:
             raise ConfigError("rollout.prompts_per_step, rollout.samples_per_prompt and "
                               "rollout.forward_micro_batch_size must be >= 1")
+        if self.old_logprobs == "generation" and (self.sampling.top_k != 0 or self.sampling.top_p != 1.0):
+            raise ConfigError("rollout.old_logprobs=generation needs rollout.sampling.top_k=0 and top_p=1: with a "
+                              "filter the sampler's log-probs are not the policy's; set rollout.old_logprobs=recompute")
         if self.sampling.is_greedy:
             raise ConfigError("rollout.sampling must sample (temperature > 0, greedy=false): PPO needs "
                               "log-probs of a stochastic policy")
@@ -205,6 +211,8 @@ class Rollout:
     ref_logprobs: torch.Tensor
     gvm_values: torch.Tensor
     advantages: torch.Tensor
+    # Prompt + response length of each row (the rest is padding).
+    sequence_lengths: torch.Tensor
     records: list[dict]
     response_texts: list[str]
 
@@ -385,9 +393,15 @@ class DVPORecipe:
         timings["generation"] = time.perf_counter() - started
         tokens, response_mask = output.tokens, output.response_mask
 
-        started = time.perf_counter()
-        old_logprobs, entropy = self._policy_logprobs_and_entropy(tokens)
-        timings["policy_forward"] = time.perf_counter() - started
+        if cfg.rollout.old_logprobs == "recompute":
+            started = time.perf_counter()
+            old_logprobs, entropy = self._policy_logprobs_and_entropy(tokens)
+            timings["policy_forward"] = time.perf_counter() - started
+            metrics["rollout/entropy"] = float(masked_mean(entropy, response_mask))
+        else:
+            # The sampler's log-softmax of the same logits (KV-cache path; equal to a full forward
+            # pass within float rounding), so PPO's first ratio is 1 without another forward pass.
+            old_logprobs = output.logprobs
         started = time.perf_counter()
         with offloaded(self.reference, enabled=cfg.offload_frozen_models):
             ref_logprobs = self._reference_logprobs(tokens)
@@ -418,7 +432,6 @@ class DVPORecipe:
             "rollout/advantage_std": float(advantages.advantages[mask].std()) if int(mask.sum()) > 1 else 0.0,
             "rollout/kl": float(sequence_kl.mean()),
             "rollout/kl_per_token": float(masked_mean(kl_estimate(old_logprobs, ref_logprobs, "k1"), mask)),
-            "rollout/entropy": float(masked_mean(entropy, mask)),
             "rollout/response_length": float(output.response_lengths.float().mean()),
             "rollout/kl_coef": kl_coef,
         })
@@ -429,7 +442,7 @@ class DVPORecipe:
             metrics["rollout/verifiable_score"] = sum(
                 score_response(record, text) for record, text in zip(records, output.response_texts)) / len(records)
         return Rollout(tokens, response_mask, old_logprobs, ref_logprobs, gvm_values, advantages.advantages,
-                       records, output.response_texts)
+                       output.prompt_lengths + output.response_lengths, records, output.response_texts)
 
     # -- 5. policy update -------------------------------------------------------------------------------
 
@@ -440,7 +453,11 @@ class DVPORecipe:
 
         def loss_func(logits: torch.Tensor):
             logprobs = token_logprobs(logits, tokens, self.vocab_size, temperature)
-            entropy = token_entropies(logits, self.vocab_size, temperature) if ppo.entropy_coef > 0 else None
+            if ppo.entropy_coef > 0:
+                entropy = token_entropies(logits, self.vocab_size, temperature)
+            else:
+                with torch.no_grad():  # for the logs only
+                    entropy = token_entropies(logits.detach(), self.vocab_size, temperature)
             result = policy_loss(logprobs, micro_batch["old_logprobs"], micro_batch["ref_logprobs"],
                                  micro_batch["advantages"], micro_batch["response_mask"], clip=ppo.clip,
                                  kl_loss_coef=0.0 if self.cfg.kl_in_reward else self.kl_controller.value,
@@ -448,18 +465,22 @@ class DVPORecipe:
             # A token mean over the whole mini-batch (all micro-batches and data-parallel ranks): the
             # schedule divides by the number of micro-batches and DDP averages over ranks.
             loss = result.loss * micro_batch["token_weight"]
-            return loss, {"pg_loss": result.pg_loss, "kl_loss": result.kl_loss,
+            return loss, {"pg_loss": result.pg_loss, "kl_loss": result.kl_loss, "entropy": result.entropy,
                           "clip_fraction": result.stats.clip_fraction, "approx_kl": result.stats.approx_kl,
                           "ratio_mean": result.stats.ratio_mean}
 
         return output, loss_func
 
     def update_policy(self, step: int, rollout: Rollout) -> dict[str, float]:
+        from megatron.core import parallel_state
+
         ppo = self.cfg.ppo
         local_sequences = rollout.tokens.shape[0]
         mini_per_rank = ppo.mini_batch_size // self.dp_size
         num_micro = mini_per_rank // ppo.micro_batch_size
         collected: list[dict[str, float]] = []
+        seq_length = rollout.tokens.shape[1]
+        pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
         for epoch in range(ppo.ppo_epochs):
             order = torch.randperm(local_sequences, generator=torch.Generator().manual_seed(
                 _seed_for(self.cfg.train.seed, "ppo", step, epoch, self.dp_rank)))
@@ -471,15 +492,16 @@ class DVPORecipe:
                 micro_batches = []
                 for micro_start in range(0, mini_per_rank, ppo.micro_batch_size):
                     rows = mini[micro_start:micro_start + ppo.micro_batch_size]
+                    # Without pipeline stages nothing needs a fixed shape: drop the trailing padding
+                    # shared by these rows (causal attention makes it invisible to earlier tokens).
+                    length = seq_length if pipelined else int(rollout.sequence_lengths[rows].max())
                     micro_tokens = rollout.response_mask[rows].sum().float()
                     micro_batches.append({
-                        "tokens": rollout.tokens[rows], "response_mask": rollout.response_mask[rows],
-                        "old_logprobs": rollout.old_logprobs[rows], "ref_logprobs": rollout.ref_logprobs[rows],
-                        "advantages": rollout.advantages[rows],
-                        "token_weight": micro_tokens * num_micro * self.dp_size / tokens_in_mini,
-                    })
+                        name: getattr(rollout, name)[rows, :length]
+                        for name in ("tokens", "response_mask", "old_logprobs", "ref_logprobs", "advantages")
+                    } | {"token_weight": micro_tokens * num_micro * self.dp_size / tokens_in_mini})
                 collected.append(train_step(self.policy, self.optimizer, self.scheduler, micro_batches,
-                                            self._forward_step, seq_length=rollout.tokens.shape[1],
+                                            self._forward_step, seq_length=seq_length,
                                             micro_batch_size=ppo.micro_batch_size))
         return {f"train/{name}": sum(m[name] for m in collected) / len(collected) for name in collected[0]}
 
@@ -508,7 +530,8 @@ class DVPORecipe:
         ordered = [scores[i] for i in sorted(scores)]
         mean, half_width = confidence_interval_95(ordered)
         return {"mean": mean, "ci95": half_width, "num_prompts": len(ordered),
-                "all_followed": sum(score == 1.0 for score in ordered) / len(ordered)}
+                "all_followed": sum(score == 1.0 for score in ordered) / len(ordered),
+                "prompt_ids": [prompts.records[i].get("prompt_id", i) for i in sorted(scores)], "scores": ordered}
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -567,8 +590,15 @@ class DVPORecipe:
         hf_dir = None
         if self.cfg.export_hf:
             hf_dir = export_model_to_hf(self.policy, self.hf_config, self.tokenizer, run_dir / "hf")
+        improvement = None
+        if self.eval_before and eval_after and self.eval_before["prompt_ids"] == eval_after["prompt_ids"]:
+            # Same prompts before and after: the paired difference has a much tighter interval.
+            mean, half_width = confidence_interval_95(
+                [after - before for before, after in zip(self.eval_before["scores"], eval_after["scores"])])
+            improvement = {"mean": mean, "ci95": half_width, "num_prompts": len(eval_after["scores"])}
         summary = {
             "gvm": self.gvm_path,
+            "verifiable_score_change": improvement,
             "gvm_heldout_accuracy": (self.gvm_metadata.get("gvm") or {}).get("eval_accuracy"),
             "verifiable_score_before": self.eval_before,
             "verifiable_score_after": eval_after,
@@ -652,6 +682,7 @@ def format_summary(summary: dict) -> str:
                 f"all instructions followed: {result['all_followed']:.1%})")
 
     accuracy = summary["gvm_heldout_accuracy"]
+    change = summary["verifiable_score_change"]
     lines = [
         "DVPO summary",
         f"  GVM                        {summary['gvm']}",
@@ -659,6 +690,8 @@ def format_summary(summary: dict) -> str:
                                             if accuracy else "not recorded in the GVM checkpoint"),
         f"  verifiable score before    {score(summary['verifiable_score_before'])}",
         f"  verifiable score after     {score(summary['verifiable_score_after'])}",
+        f"  change (paired)            " + (f"{change['mean']:+.4f} +- {change['ci95']:.4f} (95% CI)" if change
+                                            else "not evaluated"),
         f"  final KL (sequence, k1)    {summary['final_kl']}   KL coefficient {summary['final_kl_coef']:.4f}",
         f"  time per step (median)     {summary['median_step_s']} s over {summary['steps_this_run']} steps",
         f"  peak memory                {summary['peak_memory_mib']:.0f} MiB",

@@ -1,6 +1,6 @@
 """Two DVPO steps on the tiny model at the given TP/PP; rank 0 reports metrics, logits and frozen-model checks.
 
-Usage: dvpo_steps.py WORK_DIR TP PP   (WORK_DIR holds init/ (policy) and gvm/ made by the test)
+Usage: dvpo_steps.py WORK_DIR TP PP [OLD_LOGPROBS]   (WORK_DIR holds init/ (policy) and gvm/ made by the test)
 """
 
 from __future__ import annotations
@@ -39,13 +39,14 @@ def main() -> None:
     from nemo_dvpo.utils.distributed import ParallelConfig
 
     work_dir, tp, pp = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    run_dir = work_dir / f"run_tp{tp}_pp{pp}"
+    old_logprobs = sys.argv[4] if len(sys.argv) > 4 else "generation"
+    run_dir = work_dir / f"run_tp{tp}_pp{pp}_{old_logprobs}"
     cfg = DVPORecipeConfig(
         model=load_model_config("tiny"), run_dir=str(run_dir), init_from=str(work_dir / "init"),
         gvm=str(work_dir / "gvm"), export_hf=False,
         data=PromptDataConfig(max_prompt_tokens=96),
         rollout=RolloutConfig(prompts_per_step=4, sampling=SamplingConfig(max_new_tokens=10, temperature=1.0),
-                              forward_micro_batch_size=2),
+                              forward_micro_batch_size=2, old_logprobs=old_logprobs),
         # micro-batches of 1 in mini-batches of 2: gradient accumulation is exercised
         ppo=PPOConfig(ppo_epochs=2, mini_batch_size=2, micro_batch_size=1, entropy_coef=0.01),
         eval=EvalConfig(before=False, after=False), train=DVPOTrainConfig(steps=2, save_every=100),
