@@ -9,7 +9,11 @@ Trains with examples/train_gvm.py, then prints the held-out pairwise accuracy in
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from _runs import REPO_ROOT, median_of, read_metrics, run_entry_point
 
@@ -33,6 +37,29 @@ def main() -> None:
     print("held-out pairwise accuracy: " + ", ".join(f"{name} {value:.3f}" for name, value in accuracy.items()))
     curve = [(r["step"], round(r["eval/accuracy_mean"], 3)) for r in records if "eval/accuracy_mean" in r]
     print(f"mean-token accuracy during training (step, accuracy): {curve}")
+
+    # The shipped held-out split has only 12 pairs; every two held-out responses to the same prompt
+    # whose IFEval scores differ make a larger (correlated) test set.
+    all_pairs = run_dir / "heldout_all_pairs.jsonl"
+    count = write_all_pairs(REPO_ROOT / "data" / "smollm2_ifeval" / "scored_heldout.jsonl", all_pairs)
+    print(f"\nall {count} held-out response pairs with different scores:", flush=True)
+    subprocess.run([sys.executable, "tools/eval_gvm.py", "--gvm", str(run_dir / "final"), "--data", str(all_pairs),
+                    "--output", str(run_dir / "heldout_all_pairs_accuracy.json")], cwd=REPO_ROOT, check=True)
+
+
+def write_all_pairs(scored_file: Path, output: Path) -> int:
+    by_prompt: dict[str, list[dict]] = {}
+    for line in scored_file.read_text().splitlines():
+        record = json.loads(line)
+        by_prompt.setdefault(record["prompt_id"], []).append(record)
+    pairs = []
+    for records in by_prompt.values():
+        for first, second in itertools.combinations(records, 2):
+            if first["score"] != second["score"]:
+                chosen, rejected = (first, second) if first["score"] > second["score"] else (second, first)
+                pairs.append({"prompt": chosen["prompt"], "chosen": chosen["response"], "rejected": rejected["response"]})
+    output.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    return len(pairs)
 
 
 if __name__ == "__main__":

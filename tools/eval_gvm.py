@@ -1,6 +1,6 @@
 """Held-out pairwise accuracy of a trained GVM, in the paper's forms (its Table 4).
 
-    python tools/eval_gvm.py --gvm runs/gvm/final --data data/preference/heldout_pairs.jsonl
+    python tools/eval_gvm.py --gvm runs/gvm/final --data data/smollm2_ifeval/pairs_heldout.jsonl
 
 A pair is correct when the chosen response scores strictly higher, where a response's score is
 the mean of its token values, its last token's value, or a percentile (P1 ... P99) of them.

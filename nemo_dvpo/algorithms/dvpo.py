@@ -44,7 +44,9 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, group: Optional[dist.Process
     """Sum of ``x`` over masked positions, all-reduced over ``group`` (e.g. data-parallel ranks) if given."""
     total = (x.float() * mask.float()).sum()
     if group is not None:
-        dist.all_reduce(total, group=group)
+        from nemo_dvpo.utils.distributed import all_reduce_on_device
+
+        total = all_reduce_on_device(total, group=group)
     return total
 
 

@@ -22,10 +22,12 @@ def broadcast_from_last_pipeline_stage(tensor: Optional[torch.Tensor], shape: tu
     """Give every pipeline stage the tensor that only the last stage computed."""
     from megatron.core import parallel_state
 
+    from nemo_dvpo.utils.distributed import compute_device
+
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return tensor
     if not parallel_state.is_pipeline_last_stage():
-        tensor = torch.empty(shape, dtype=dtype)
+        tensor = torch.empty(shape, dtype=dtype, device=compute_device())
     dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                    group=parallel_state.get_pipeline_model_parallel_group())
     return tensor
@@ -39,10 +41,15 @@ def forward_only(model: list[torch.nn.Module], tokens: torch.Tensor,
 
     ``reduce_output(model_output, micro_batch_tokens)`` turns the last stage's raw output (the
     vocab-parallel logits of a GPT, or the values of a value model) into the per-micro-batch result;
-    results are concatenated along the batch and returned on every rank with ``output_shape``.
+    results are concatenated along the batch and returned on every rank with ``output_shape``, on the
+    device ``tokens`` came on (the model runs on :func:`compute_device`).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from nemo_dvpo.utils.distributed import compute_device
+
+    input_device = tokens.device
+    tokens = tokens.to(compute_device())
     batch_size, seq_length = tokens.shape
     micro_batch_size = micro_batch_size or batch_size
     micro_batches = list(torch.split(tokens, micro_batch_size))
@@ -76,7 +83,7 @@ def forward_only(model: list[torch.nn.Module], tokens: torch.Tensor,
     from megatron.core import parallel_state
 
     local = torch.cat(results, dim=0) if parallel_state.is_pipeline_last_stage() else None
-    return broadcast_from_last_pipeline_stage(local, output_shape, output_dtype)
+    return broadcast_from_last_pipeline_stage(local, output_shape, output_dtype).to(input_device)
 
 
 def full_logits(model: list[torch.nn.Module], tokens: torch.Tensor, vocab_size: Optional[int] = None,

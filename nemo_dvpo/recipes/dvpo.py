@@ -50,7 +50,7 @@ from nemo_dvpo.checkpointing.train_checkpoint import (
 )
 from nemo_dvpo.data.prompts import PromptSet, load_prompts
 from nemo_dvpo.inference.generation import SamplingConfig, generate
-from nemo_dvpo.models.builder import build_gpt_model, padded_vocab_size, resolve_hf_config, unwrap_model
+from nemo_dvpo.models.builder import build_gpt_model, resolve_hf_config, unwrap_model
 from nemo_dvpo.models.config import ModelConfig
 from nemo_dvpo.models.conversion import export_model_to_hf
 from nemo_dvpo.models.forward import forward_only, position_ids_for
@@ -61,7 +61,13 @@ from nemo_dvpo.training.metrics import MetricsLogger, peak_memory_mib, progress_
 from nemo_dvpo.training.offload import move_parameters, offload_enabled, offloaded
 from nemo_dvpo.training.optim import OptimConfig, build_optimizer, ddp_config_for
 from nemo_dvpo.training.step import configure_for_training, train_step
-from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed, print_rank_zero
+from nemo_dvpo.utils.distributed import (
+    ParallelConfig,
+    all_reduce_on_device,
+    compute_device,
+    initialize_distributed,
+    print_rank_zero,
+)
 from nemo_dvpo.utils.errors import CheckpointError, ConfigError
 
 
@@ -304,7 +310,7 @@ class DVPORecipe:
         if offload_enabled(cfg.offload_frozen_models):
             move_parameters(self.reference, "cpu")
             move_parameters(self.gvm, "cpu")
-        self.padded_vocab = padded_vocab_size(self.policy)
+        self._log_entropy = True
 
         updates_per_step = ppo.ppo_epochs * (sequences // ppo.mini_batch_size)
         self.optimizer, self.scheduler = build_optimizer(self.policy, cfg.optim, cfg.train.steps * updates_per_step)
@@ -441,6 +447,13 @@ class DVPORecipe:
 
             metrics["rollout/verifiable_score"] = sum(
                 score_response(record, text) for record, text in zip(records, output.response_texts)) / len(records)
+        if self.dp_group is not None:
+            # Every rank holds as many sequences, so the mean of the ranks' means is the global mean;
+            # the KL controller in particular must see the same KL on every rank.
+            names = sorted(name for name in metrics if name.startswith("rollout/"))
+            values = torch.tensor([metrics[name] for name in names], dtype=torch.float64)
+            values = all_reduce_on_device(values, group=self.dp_group)
+            metrics.update(zip(names, (values / self.dp_size).tolist()))
         return Rollout(tokens, response_mask, old_logprobs, ref_logprobs, gvm_values, advantages.advantages,
                        output.prompt_lengths + output.response_lengths, records, output.response_texts)
 
@@ -448,15 +461,17 @@ class DVPORecipe:
 
     def _forward_step(self, micro_batch: dict, chunk):
         ppo, temperature = self.cfg.ppo, self.cfg.rollout.sampling.temperature
+        micro_batch = {name: value.to(compute_device()) for name, value in micro_batch.items()}
         tokens = micro_batch["tokens"]
         output = chunk(tokens, position_ids_for(tokens), attention_mask=None)
 
         def loss_func(logits: torch.Tensor):
             logprobs = token_logprobs(logits, tokens, self.vocab_size, temperature)
+            entropy = None
             if ppo.entropy_coef > 0:
                 entropy = token_entropies(logits, self.vocab_size, temperature)
-            else:
-                with torch.no_grad():  # for the logs only
+            elif self._log_entropy:
+                with torch.no_grad():  # for the logs only, so only in the first PPO epoch
                     entropy = token_entropies(logits.detach(), self.vocab_size, temperature)
             result = policy_loss(logprobs, micro_batch["old_logprobs"], micro_batch["ref_logprobs"],
                                  micro_batch["advantages"], micro_batch["response_mask"], clip=ppo.clip,
@@ -465,9 +480,11 @@ class DVPORecipe:
             # A token mean over the whole mini-batch (all micro-batches and data-parallel ranks): the
             # schedule divides by the number of micro-batches and DDP averages over ranks.
             loss = result.loss * micro_batch["token_weight"]
-            return loss, {"pg_loss": result.pg_loss, "kl_loss": result.kl_loss, "entropy": result.entropy,
-                          "clip_fraction": result.stats.clip_fraction, "approx_kl": result.stats.approx_kl,
-                          "ratio_mean": result.stats.ratio_mean}
+            logged = {"pg_loss": result.pg_loss, "kl_loss": result.kl_loss, "clip_fraction": result.stats.clip_fraction,
+                      "approx_kl": result.stats.approx_kl, "ratio_mean": result.stats.ratio_mean}
+            if entropy is not None:
+                logged["entropy"] = result.entropy
+            return loss, logged
 
         return output, loss_func
 
@@ -482,13 +499,14 @@ class DVPORecipe:
         seq_length = rollout.tokens.shape[1]
         pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
         for epoch in range(ppo.ppo_epochs):
+            self._log_entropy = epoch == 0
             order = torch.randperm(local_sequences, generator=torch.Generator().manual_seed(
                 _seed_for(self.cfg.train.seed, "ppo", step, epoch, self.dp_rank)))
             for start in range(0, local_sequences, mini_per_rank):
                 mini = order[start:start + mini_per_rank]
                 tokens_in_mini = rollout.response_mask[mini].sum().float()
                 if self.dp_group is not None:
-                    dist.all_reduce(tokens_in_mini, group=self.dp_group)
+                    tokens_in_mini = all_reduce_on_device(tokens_in_mini, group=self.dp_group)
                 micro_batches = []
                 for micro_start in range(0, mini_per_rank, ppo.micro_batch_size):
                     rows = mini[micro_start:micro_start + ppo.micro_batch_size]
@@ -503,7 +521,9 @@ class DVPORecipe:
                 collected.append(train_step(self.policy, self.optimizer, self.scheduler, micro_batches,
                                             self._forward_step, seq_length=seq_length,
                                             micro_batch_size=ppo.micro_batch_size))
-        return {f"train/{name}": sum(m[name] for m in collected) / len(collected) for name in collected[0]}
+        names = sorted({name for metrics in collected for name in metrics})
+        return {f"train/{name}": sum(m[name] for m in collected if name in m) / sum(name in m for m in collected)
+                for name in names}
 
     # -- evaluation --------------------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from nemo_dvpo.training.step import configure_for_training, train_step
 from nemo_dvpo.utils.config import from_dict
 from nemo_dvpo.utils.distributed import (
     ParallelConfig,
+    compute_device,
     destroy_distributed,
     initialize_distributed,
     print_rank_zero,
@@ -223,6 +224,9 @@ class GVMRecipe:
         """Megatron forward step: values on the last stage, TD(lambda) loss against fixed targets."""
         train = self.cfg.train
         batch, fixed_returns = micro_batch
+        device = compute_device()
+        batch = batch.to(device)
+        fixed_returns = fixed_returns.to(device) if fixed_returns is not None else None
         output = chunk(batch.tokens, position_ids_for(batch.tokens), attention_mask=None)
 
         def loss_func(values: torch.Tensor):

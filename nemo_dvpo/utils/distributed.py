@@ -200,3 +200,22 @@ def is_rank_zero() -> bool:
 def print_rank_zero(*args, **kwargs) -> None:
     if is_rank_zero():
         print(*args, **kwargs, flush=True)
+
+
+def compute_device() -> torch.device:
+    """Where models run: this rank's GPU, or the CPU without CUDA."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce_on_device(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a tensor wherever it lives: NCCL only reduces GPU tensors, so CPU ones make a round trip.
+
+    Returns the reduced tensor on the input's device (in place when no copy was needed).
+    """
+    device = compute_device()
+    if tensor.device == device:
+        dist.all_reduce(tensor, op=op, group=group)
+        return tensor
+    on_device = tensor.to(device)
+    dist.all_reduce(on_device, op=op, group=group)
+    return on_device.to(tensor.device)
