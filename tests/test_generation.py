@@ -273,3 +273,27 @@ def test_generate_example_from_a_checkpoint_and_a_jsonl_file(tiny, tmp_path):
     no_prompts = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "generate.py"), "model=tiny"],
                                 cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert no_prompts.returncode == 2 and "error: give exactly one of prompts" in no_prompts.stderr
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny, monkeypatch):
+    """Prompts of different lengths, left-padded into one batch, equal each prompt generated alone."""
+    from nemo_dvpo.inference import generation
+
+    model, tokenizer = tiny
+    calls = []
+    wrapper_class = generation._LeftPaddedGPTWrapper
+
+    class RecordingWrapper(wrapper_class):
+        def __init__(self, *args, **kwargs):
+            calls.append(kwargs["left_pad_lengths"].tolist())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "_LeftPaddedGPTWrapper", RecordingWrapper)
+    batched = generate(model, tokenizer, TINY_PROMPTS, GREEDY_UNSTOPPED)
+    assert calls == [[5, 0, 4]], "the batch was not left-padded"
+    for row, prompt in enumerate(TINY_PROMPTS):
+        alone = generate(model, tokenizer, [prompt], GREEDY_UNSTOPPED)
+        assert batched.response_token_ids(row) == alone.response_token_ids(0)
+        length = len(prompt) + GREEDY_UNSTOPPED.max_new_tokens
+        torch.testing.assert_close(batched.logprobs[row, :length], alone.logprobs[0, :length], rtol=1e-4, atol=1e-5)
+
