@@ -10,7 +10,6 @@ SmolLM2-135M-Instruct, fp32, CPU: 8 prompts (at most 64 tokens) per step, respon
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from _runs import REPO_ROOT, median_of, read_metrics, run_entry_point
 

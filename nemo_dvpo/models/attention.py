@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (

@@ -706,11 +706,11 @@ def format_summary(summary: dict) -> str:
     lines = [
         "DVPO summary",
         f"  GVM                        {summary['gvm']}",
-        f"  GVM held-out accuracy      " + (f"mean-token {accuracy['mean']:.3f}, last-token {accuracy['last']:.3f}"
+        "  GVM held-out accuracy      " + (f"mean-token {accuracy['mean']:.3f}, last-token {accuracy['last']:.3f}"
                                             if accuracy else "not recorded in the GVM checkpoint"),
         f"  verifiable score before    {score(summary['verifiable_score_before'])}",
         f"  verifiable score after     {score(summary['verifiable_score_after'])}",
-        f"  change (paired)            " + (f"{change['mean']:+.4f} +- {change['ci95']:.4f} (95% CI)" if change
+        "  change (paired)            " + (f"{change['mean']:+.4f} +- {change['ci95']:.4f} (95% CI)" if change
                                             else "not evaluated"),
         f"  final KL (sequence, k1)    {summary['final_kl']}   KL coefficient {summary['final_kl_coef']:.4f}",
         f"  time per step (median)     {summary['median_step_s']} s over {summary['steps_this_run']} steps",

@@ -16,7 +16,6 @@ At the end the GVM is saved with the value statistics of its training data, read
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from nemo_dvpo.data.preference import (
 )
 from nemo_dvpo.data.splits import epoch_order
 from nemo_dvpo.evaluation.value_accuracy import evaluate_pairs, value_statistics
-from nemo_dvpo.models.builder import resolve_hf_config, unwrap_model
+from nemo_dvpo.models.builder import resolve_hf_config
 from nemo_dvpo.models.config import ModelConfig, load_model_config
 from nemo_dvpo.models.forward import position_ids_for
 from nemo_dvpo.models.sources import load_tokenizer
@@ -255,7 +254,7 @@ class GVMRecipe:
     # -- loop -------------------------------------------------------------------------------------
 
     def train(self) -> None:
-        cfg, train = self.cfg, self.cfg.train
+        train = self.cfg.train
         bar = progress_bar(train.steps, initial=self.start_step, description="gvm")
         shown_accuracy = float("nan")
         for step in range(self.start_step, train.steps):
