@@ -37,6 +37,28 @@ def run_torchrun(script: str, nproc: int, *args: str, tmp_path: Path, timeout: i
     return json.loads(result_file.read_text())
 
 
+def entry_point_env() -> dict:
+    """The environment for an entry point run as a subprocess: a fresh world, not the test's."""
+    return {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
+
+
+def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
+    """Start ``command`` and SIGKILL it as soon as ``run_dir`` has a checkpoint; it must not have finished."""
+    import signal
+    import time
+
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=entry_point_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "final").exists(), "the run finished before the kill: nothing was tested"
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf_folder() -> str:
     """SmolLM2-135M-Instruct as a Hugging Face folder (de-quantised once from the shipped GGUF)."""

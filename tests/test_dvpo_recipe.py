@@ -4,11 +4,8 @@ runs end to end (stage 1, stage 2, summary, HF export) and a killed run resumes 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from nemo_dvpo.models.config import load_model_config
 from nemo_dvpo.models.sources import load_tokenizer
 from nemo_dvpo.models.value_model import build_value_model, value_head
 from nemo_dvpo.utils.distributed import ParallelConfig
-from tests.conftest import REPO_ROOT, run_torchrun
+from tests.conftest import REPO_ROOT, entry_point_env as _env, kill_after_first_checkpoint, run_torchrun
 from tests.distributed.common import megatron_from_hf, random_hf_model
 
 STEP_METRICS = ("rollout/kl", "rollout/gvm_value_mean", "rollout/advantage_std", "train/entropy",
@@ -74,10 +71,6 @@ def test_two_steps_at_tp2_and_pp2_equal_tp1(work_dir, tp1_result, tp, pp, old_lo
     assert result["frozen_unchanged"] and result["policy_changed"]
     if old_logprobs == "recompute":
         assert all("rollout/entropy" in step for step in result["metrics"])
-
-
-def _env() -> dict:
-    return {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
 
 
 def _command(run_dir: Path, *overrides: str) -> list[str]:
@@ -135,16 +128,7 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(work_dir, tmp_p
     assert completed.returncode == 0, (completed.stdout + completed.stderr)[-6000:]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_command(killed, *given_gvm), cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "latest").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (killed / "final").exists(), "the run finished before the kill: nothing was tested"
+    kill_after_first_checkpoint(_command(killed, *given_gvm), killed)
 
     completed = subprocess.run(_command(killed, *given_gvm, "resume=true"), cwd=REPO_ROOT, env=_env(),
                                capture_output=True, text=True, timeout=900)

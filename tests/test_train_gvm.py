@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, entry_point_env as _env, kill_after_first_checkpoint
 
 FIXTURE = "tests/fixtures/ultrafeedback_binarized_mini.jsonl"
 
@@ -22,10 +19,6 @@ def _command(run_dir: Path, *overrides: str) -> list[str]:
             f"data.train={FIXTURE}", f"data.eval={FIXTURE}", "train.steps=12", "train.global_batch_size=8",
             "train.micro_batch_size=4", "train.eval_every=1", "train.save_every=2", "train.eval_max_pairs=8",
             "optim.lr=1e-3", "optim.warmup_steps=2", *overrides]
-
-
-def _env() -> dict:
-    return {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
 
 
 def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
@@ -53,22 +46,13 @@ def test_final_gvm_carries_its_value_statistics(uninterrupted):
 def test_killed_and_resumed_run_reproduces_the_uninterrupted_curve(uninterrupted, tmp_path):
     # Kill a second run with SIGKILL as soon as it has written its first checkpoint.
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_command(killed), cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "latest").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (killed / "final").exists(), "the run finished before the kill: nothing was tested"
+    kill_after_first_checkpoint(_command(killed), killed)
     resumed_from = (killed / "checkpoints" / "latest").read_text().strip()
 
     completed = subprocess.run(_command(killed, "resume=true"), cwd=REPO_ROOT, env=_env(), capture_output=True,
                                text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    assert f"resumed from" in completed.stdout + completed.stderr
+    assert "resumed from" in completed.stdout + completed.stderr
     expected, actual = _losses(uninterrupted), _losses(killed)
     assert sorted(actual) == list(range(1, 13)), f"resumed from {resumed_from}, logged {sorted(actual)}"
     assert actual == expected

@@ -270,6 +270,7 @@ class DVPORecipe:
                 f"(rollout.prompts_per_step x rollout.samples_per_prompt) and split into data-parallel size "
                 f"{self.dp_size} x micro-batches of ppo.micro_batch_size={ppo.micro_batch_size}")
         self.prompts_per_rank = rollout.prompts_per_step // self.dp_size
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
 
         # Data.
         self.tokenizer = load_tokenizer(model_cfg.tokenizer_source if cfg.init_from is None
@@ -361,9 +362,10 @@ class DVPORecipe:
         indices = []
         for position in range(step * per_step, (step + 1) * per_step):
             epoch, offset = divmod(position, count)
-            order = torch.randperm(count, generator=torch.Generator().manual_seed(
-                _seed_for(self.cfg.train.seed, "epoch", epoch))).tolist()
-            indices.append(order[offset])
+            if self._epoch_order[0] != epoch:
+                self._epoch_order = (epoch, torch.randperm(count, generator=torch.Generator().manual_seed(
+                    _seed_for(self.cfg.train.seed, "epoch", epoch))).tolist())
+            indices.append(self._epoch_order[1][offset])
         return indices[self.dp_rank * self.prompts_per_rank:(self.dp_rank + 1) * self.prompts_per_rank]
 
     # -- 2.-4. rollout, scoring and advantages ----------------------------------------------------------
