@@ -58,10 +58,17 @@ def test_two_steps_train_the_policy_and_leave_gvm_and_reference_bit_identical(tp
     assert first["train/grad_norm"] > 0
 
 
-@pytest.mark.parametrize("tp, pp, old_logprobs", [(2, 1, "generation"), (1, 2, "generation"), (1, 1, "recompute")])
-def test_two_steps_at_tp2_and_pp2_equal_tp1(work_dir, tp1_result, tp, pp, old_logprobs, tmp_path):
-    """Same run at other layouts, and with old log-probs from a forward pass instead of the sampler."""
-    result = run_torchrun("dvpo_steps.py", tp * pp, str(work_dir), str(tp), str(pp), old_logprobs, tmp_path=tmp_path)
+@pytest.mark.parametrize("tp, pp, old_logprobs, gvm_tp", [
+    (2, 1, "generation", None), (1, 2, "generation", None), (1, 1, "recompute", None),
+    # the GVM on its own process groups, at a smaller and at a larger TP size than the policy
+    (2, 1, "generation", 1), (1, 2, "generation", 2),
+])
+def test_two_steps_at_tp2_and_pp2_equal_tp1(work_dir, tp1_result, tp, pp, old_logprobs, gvm_tp, tmp_path):
+    """Same run at other layouts, with old log-probs from a forward pass instead of the sampler, and
+    with the GVM at another TP size than the policy."""
+    gvm_args = () if gvm_tp is None else (str(gvm_tp),)
+    result = run_torchrun("dvpo_steps.py", tp * pp, str(work_dir), str(tp), str(pp), old_logprobs, *gvm_args,
+                          tmp_path=tmp_path)
     assert result["rollouts"] == tp1_result["rollouts"], "the sampled tokens differ between layouts"
     for expected, actual in zip(tp1_result["metrics"], result["metrics"]):
         for name in STEP_METRICS:
@@ -71,6 +78,19 @@ def test_two_steps_at_tp2_and_pp2_equal_tp1(work_dir, tp1_result, tp, pp, old_lo
     assert result["frozen_unchanged"] and result["policy_changed"]
     if old_logprobs == "recompute":
         assert all("rollout/entropy" in step for step in result["metrics"])
+
+
+@pytest.mark.parametrize("global_tp, gvm_tp", [(1, 2), (2, 1)])
+def test_gvm_at_its_own_tp_size_gives_the_values_of_the_gvm_at_the_global_layout(work_dir, global_tp, gvm_tp,
+                                                                                 tmp_path):
+    """(1, 2): the two data-parallel ranks bring different batches into one GVM tensor-parallel group;
+    (2, 1): each rank runs the GVM alone on the batch it shares with its policy tensor-parallel peer."""
+    result = run_torchrun("gvm_standalone_values.py", 2, str(work_dir / "gvm"), str(global_tp), str(gvm_tp),
+                          tmp_path=tmp_path)
+    assert result["value_scale"] > 0.1
+    assert result["max_abs_diff"] < 1e-5
+    # The GVM really is sharded at its own size, not the global one.
+    assert result["gvm_qkv_rows"] * gvm_tp == result["global_qkv_rows"] * global_tp
 
 
 def _command(run_dir: Path, *overrides: str) -> list[str]:
@@ -117,6 +137,13 @@ def test_bad_config_fails_at_start_up_naming_the_field(tmp_path):
                                cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2
     assert "kl.placement=reward needs ppo.advantage_mode=gae" in completed.stderr + completed.stdout
+
+
+def test_gvm_tp_size_that_does_not_divide_the_world_fails_at_start_up(work_dir, tmp_path):
+    completed = subprocess.run(_command(tmp_path / "bad", f"gvm={work_dir / 'gvm'}", "gvm_tensor_model_parallel_size=2"),
+                               cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    assert "gvm_tensor_model_parallel_size=2: world size 1 is not a multiple" in completed.stderr + completed.stdout
 
 
 def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(work_dir, tmp_path):

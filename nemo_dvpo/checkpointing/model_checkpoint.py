@@ -139,8 +139,11 @@ def load_sharded_weights(model: list[torch.nn.Module], folder: Path, strict: boo
     from nemo_dvpo.models.builder import unwrap_model
 
     module = unwrap_model(model[0])
+    # Replica ids come from the model's own data-parallel group: a model on its own process groups
+    # (a GVM at another TP size) would otherwise be validated against the global layout's.
+    metadata = {"dp_cp_group": module.pg_collection.dp_cp}
     with torch.no_grad():
-        state_dict = dist_checkpointing.load(module.sharded_state_dict(), str(folder))
+        state_dict = dist_checkpointing.load(module.sharded_state_dict(metadata=metadata), str(folder))
         missing, unexpected = module.load_state_dict(state_dict, strict=False)
     # TE layers carry "_extra_state" entries that a local-spec checkpoint does not have.
     missing = [key for key in missing if not key.endswith("_extra_state")]

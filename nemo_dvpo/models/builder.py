@@ -112,7 +112,7 @@ def make_provider(hf_config, model_cfg: ModelConfig, tensor_parallel: int = 1, p
 def build_gpt_model(model_cfg: ModelConfig, *, hf_config=None, wrap_with_ddp: bool = False,
                     ddp_config=None, seq_length: Optional[int] = None, load_weights: bool = True,
                     transform: Optional[Callable[[list[torch.nn.Module]], list[torch.nn.Module]]] = None,
-                    **provider_overrides: Any) -> list[torch.nn.Module]:
+                    pg_collection=None, **provider_overrides: Any) -> list[torch.nn.Module]:
     """Build the Megatron GPT model (one module per virtual pipeline stage) at the current layout.
 
     Must be called after :func:`nemo_dvpo.utils.distributed.initialize_distributed`. Order:
@@ -120,18 +120,22 @@ def build_gpt_model(model_cfg: ModelConfig, *, hf_config=None, wrap_with_ddp: bo
     (unless ``load_weights`` is False or the preset asks for random initialisation), apply
     ``transform`` (e.g. replace the output layer with a value head), then wrap in Megatron DDP.
     Wrapping last means DDP's gradient buffers cover exactly the final set of parameters.
+
+    ``pg_collection`` (from :func:`nemo_dvpo.utils.distributed.standalone_model_groups`) lays the
+    model out on its own process groups instead of the global parallel state.
     """
     from megatron.core import parallel_state
 
+    if pg_collection is None:
+        tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
+        pipeline_parallel = parallel_state.get_pipeline_model_parallel_world_size()
+    else:
+        tensor_parallel, pipeline_parallel = pg_collection.tp.size(), pg_collection.pp.size()
     hf_config = hf_config if hf_config is not None else resolve_hf_config(model_cfg)
-    provider = make_provider(
-        hf_config, model_cfg,
-        tensor_parallel=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size(),
-        seq_length=seq_length, **provider_overrides,
-    )
+    provider = make_provider(hf_config, model_cfg, tensor_parallel=tensor_parallel,
+                             pipeline_parallel=pipeline_parallel, seq_length=seq_length, **provider_overrides)
     model = provider.provide_distributed_model(
-        wrap_with_ddp=False, use_cpu_initialization=not torch.cuda.is_available())
+        wrap_with_ddp=False, use_cpu_initialization=not torch.cuda.is_available(), pg_collection=pg_collection)
     if load_weights and model_cfg.loads_weights:
         load_hf_weights_into(model, model_cfg.source, hf_config)
     if transform is not None:

@@ -86,6 +86,63 @@ def forward_only(model: list[torch.nn.Module], tokens: torch.Tensor,
     return broadcast_from_last_pipeline_stage(local, output_shape, output_dtype).to(input_device)
 
 
+def forward_standalone(model: list[torch.nn.Module], tokens: torch.Tensor,
+                       reduce_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       tp_group: dist.ProcessGroup, micro_batch_size: Optional[int] = None) -> torch.Tensor:
+    """Forward without gradients through a one-stage model on its own process groups (no pipeline).
+
+    Every rank brings its own ``tokens`` (batch, seq), e.g. the rollout of its policy data-parallel
+    rank, but the ranks of one tensor-parallel group must run the model on the same input. So the
+    group gathers its members' batches, runs each distinct batch once (members that share a policy
+    data-parallel rank bring the same one) and every rank keeps the result for its own batch, on the
+    device its ``tokens`` came on. ``reduce_output`` is as in :func:`forward_only`.
+    """
+    from nemo_dvpo.models.builder import unwrap_model
+    from nemo_dvpo.utils.distributed import compute_device
+
+    if len(model) != 1 or not (unwrap_model(model[0]).pre_process and unwrap_model(model[0]).post_process):
+        raise ValueError("forward_standalone needs a model with a single pipeline stage")
+    module = model[0]
+    input_device = tokens.device
+    device = compute_device()
+    tokens = tokens.to(device)
+    group_size = tp_group.size()
+    if group_size > 1:
+        # Batches may differ in size between ranks: exchange shapes, then the batches padded to the largest.
+        shapes = [torch.zeros(2, dtype=torch.long, device=device) for _ in range(group_size)]
+        dist.all_gather(shapes, torch.tensor(tokens.shape, dtype=torch.long, device=device), group=tp_group)
+        shapes = [tuple(int(size) for size in shape) for shape in shapes]
+        padded = torch.zeros(max(s[0] for s in shapes), max(s[1] for s in shapes), dtype=tokens.dtype, device=device)
+        padded[:tokens.shape[0], :tokens.shape[1]] = tokens
+        gathered = [torch.empty_like(padded) for _ in range(group_size)]
+        dist.all_gather(gathered, padded, group=tp_group)
+        batches = [batch[:rows, :columns] for batch, (rows, columns) in zip(gathered, shapes)]
+    else:
+        batches = [tokens]
+    distinct: list[torch.Tensor] = []
+    owner: list[int] = []
+    for batch in batches:
+        match = next((index for index, seen in enumerate(distinct)
+                      if seen.shape == batch.shape and torch.equal(seen, batch)), None)
+        if match is None:
+            match = len(distinct)
+            distinct.append(batch)
+        owner.append(match)
+
+    was_training = module.training
+    module.eval()
+    results = []
+    with torch.no_grad():
+        # Every member loops over the same distinct batches in the same order, so the
+        # tensor-parallel collectives inside the model line up.
+        for batch in distinct:
+            outputs = [reduce_output(module(micro, position_ids_for(micro), attention_mask=None), micro)
+                       for micro in torch.split(batch, micro_batch_size or batch.shape[0])]
+            results.append(torch.cat(outputs, dim=0))
+    module.train(was_training)
+    return results[owner[tp_group.rank()]].to(input_device)
+
+
 def full_logits(model: list[torch.nn.Module], tokens: torch.Tensor, vocab_size: Optional[int] = None,
                 micro_batch_size: Optional[int] = None) -> torch.Tensor:
     """Full-vocabulary logits (batch, seq, vocab) in fp32 on every rank, for checks and evaluation.

@@ -30,8 +30,10 @@ class ValueHead(torch.nn.Module):
     checkpointing expects ``output_layer.weight`` on the last stage.
     """
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, tp_group=None):
         super().__init__()
+        # The model's tensor-parallel group (checkpoint replica ids); None means the global one.
+        self.tp_group = tp_group
         self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32))
         self.bias = torch.nn.Parameter(torch.zeros(1, dtype=torch.float32))
 
@@ -41,11 +43,15 @@ class ValueHead(torch.nn.Module):
         return values, None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+        from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
         # Empty axis map: replicated across tensor-parallel ranks.
         return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {},
-                                                   sharded_offsets)
+                                                   sharded_offsets,
+                                                   tp_group=get_tensor_model_parallel_group_if_none(self.tp_group),
+                                                   dp_cp_group=metadata["dp_cp_group"])
 
 
 def attach_value_head(model: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -56,7 +62,7 @@ def attach_value_head(model: list[torch.nn.Module]) -> list[torch.nn.Module]:
         # between the first and last stage, and the last stage no longer holds an embedding copy.
         gpt.share_embeddings_and_output_weights = False
         if gpt.post_process:
-            gpt.output_layer = ValueHead(gpt.config.hidden_size)
+            gpt.output_layer = ValueHead(gpt.config.hidden_size, tp_group=gpt.pg_collection.tp)
     return model
 
 
@@ -67,8 +73,9 @@ def value_head(model: list[torch.nn.Module]) -> Optional[ValueHead]:
 
 
 def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None, wrap_with_ddp: bool = False,
-                      ddp_config=None, seq_length: Optional[int] = None) -> list[torch.nn.Module]:
-    """A GVM at the current TP/PP layout.
+                      ddp_config=None, seq_length: Optional[int] = None,
+                      pg_collection=None) -> list[torch.nn.Module]:
+    """A GVM at the current TP/PP layout, or on its own process groups when ``pg_collection`` is given.
 
     ``init_from`` selects the trunk's weights: None takes ``model_cfg.source`` (an HF folder, hub id
     or GGUF file); a nemo_dvpo model checkpoint folder loads that model's trunk; a GVM checkpoint
@@ -84,7 +91,7 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
 
     if init_from is None:
         return build_gpt_model(model_cfg, wrap_with_ddp=wrap_with_ddp, ddp_config=ddp_config,
-                               seq_length=seq_length, transform=attach_value_head)
+                               seq_length=seq_length, transform=attach_value_head, pg_collection=pg_collection)
     metadata = read_checkpoint_metadata(init_from)
     hf_config = load_hf_config_from_checkpoint(init_from)
     # The checkpoint defines the shape; the caller chooses the precision to run in.
@@ -101,13 +108,21 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
             load_sharded_weights(model, weights)
             return attach_value_head(model)
     return build_gpt_model(model_cfg, hf_config=hf_config, load_weights=False, wrap_with_ddp=wrap_with_ddp,
-                           ddp_config=ddp_config, seq_length=seq_length, transform=transform)
+                           ddp_config=ddp_config, seq_length=seq_length, transform=transform,
+                           pg_collection=pg_collection)
 
 
 def token_values(model: list[torch.nn.Module], tokens: torch.Tensor,
-                 micro_batch_size: Optional[int] = None) -> torch.Tensor:
-    """Per-token values (batch, seq) in fp32 on every rank, without gradients."""
-    from nemo_dvpo.models.forward import forward_only
+                 micro_batch_size: Optional[int] = None, pg_collection=None) -> torch.Tensor:
+    """Per-token values (batch, seq) in fp32 on every rank, without gradients.
 
-    return forward_only(model, tokens, lambda values, micro_tokens: values.squeeze(-1).float(),
-                        tuple(tokens.shape), micro_batch_size=micro_batch_size)
+    A model built on its own process groups (``pg_collection``) takes each rank's own ``tokens``.
+    """
+    from nemo_dvpo.models.forward import forward_only, forward_standalone
+
+    def to_values(values: torch.Tensor, micro_tokens: torch.Tensor) -> torch.Tensor:
+        return values.squeeze(-1).float()
+
+    if pg_collection is not None:
+        return forward_standalone(model, tokens, to_values, pg_collection.tp, micro_batch_size=micro_batch_size)
+    return forward_only(model, tokens, to_values, tuple(tokens.shape), micro_batch_size=micro_batch_size)

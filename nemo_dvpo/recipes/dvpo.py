@@ -67,6 +67,8 @@ from nemo_dvpo.utils.distributed import (
     compute_device,
     initialize_distributed,
     print_rank_zero,
+    standalone_model_groups,
+    validate_parallel_layout,
 )
 from nemo_dvpo.utils.errors import CheckpointError, ConfigError
 
@@ -176,7 +178,8 @@ class DVPORecipeConfig:
     gvm: Optional[str] = None
     # Stage-1 overrides (conf/gvm.yaml keys) for the GVM trained when ``gvm`` is null.
     gvm_training: dict = field(default_factory=dict)
-    # Tensor-parallel size of the GVM: null runs it at the policy's layout.
+    # Tensor-parallel size of the GVM: null runs it at the policy's layout (TP and PP); a number runs it
+    # on its own process groups at that TP size without pipeline parallelism (it must divide the world size).
     gvm_tensor_model_parallel_size: Optional[int] = None
     # A nemo_dvpo checkpoint to start the policy (and reference) from; null takes model.source.
     init_from: Optional[str] = None
@@ -196,11 +199,9 @@ class DVPORecipeConfig:
         if self.kl.placement == "reward" and self.ppo.advantage_mode == "value":
             raise ConfigError("kl.placement=reward needs ppo.advantage_mode=gae: in mode 'value' the advantage "
                               "is the normalised GVM value and has no reward stream; use kl.placement=loss")
-        if self.gvm_tensor_model_parallel_size not in (None, self.parallel.tensor_model_parallel_size):
-            raise ConfigError(
-                f"gvm_tensor_model_parallel_size={self.gvm_tensor_model_parallel_size} differs from "
-                f"parallel.tensor_model_parallel_size={self.parallel.tensor_model_parallel_size}: running the GVM "
-                "at its own TP size is not implemented yet; leave it null")
+        size = self.gvm_tensor_model_parallel_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ConfigError(f"gvm_tensor_model_parallel_size must be null or a positive integer, got {size!r}")
 
     @property
     def kl_in_reward(self) -> bool:
@@ -255,6 +256,7 @@ class DVPORecipe:
         model_cfg = cfg.model
         initialize_distributed(cfg.parallel, num_attention_heads=model_cfg.num_attention_heads,
                                num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
+        self.gvm_groups = self._gvm_process_groups(gvm_path)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group() if self.dp_size > 1 else None
@@ -307,7 +309,8 @@ class DVPORecipe:
         unwrap_model(self.reference[0]).load_state_dict(unwrap_model(self.policy[0]).state_dict())
         self.gvm_path = gvm_path
         self.gvm_metadata = self._check_gvm(gvm_path)
-        self.gvm = freeze(build_value_model(model_cfg, init_from=gvm_path, seq_length=seq_length))
+        self.gvm = freeze(build_value_model(model_cfg, init_from=gvm_path, seq_length=seq_length,
+                                            pg_collection=self.gvm_groups))
         if offload_enabled(cfg.offload_frozen_models):
             move_parameters(self.reference, "cpu")
             move_parameters(self.gvm, "cpu")
@@ -337,6 +340,22 @@ class DVPORecipe:
 
         load_sharded_weights(model, Path(self.cfg.init_from) / "weights")
         return model
+
+    def _gvm_process_groups(self, path: str):
+        """The GVM's own process groups when it runs at its own TP size, else None (policy layout)."""
+        size = self.cfg.gvm_tensor_model_parallel_size
+        if size is None:
+            return None
+        gvm_cfg = read_checkpoint_model_config(path)
+        try:
+            validate_parallel_layout(dist.get_world_size(), ParallelConfig(size, 1),
+                                     num_attention_heads=gvm_cfg.num_attention_heads,
+                                     num_query_groups=gvm_cfg.num_query_groups)
+        except ConfigError as error:
+            raise ConfigError(f"gvm_tensor_model_parallel_size={size}: {error}") from None
+        print_rank_zero(f"[dvpo] the GVM runs at its own layout: tensor-parallel {size}, data-parallel "
+                        f"{dist.get_world_size() // size}, no pipeline parallelism")
+        return standalone_model_groups(size)
 
     def _check_gvm(self, path: str) -> dict:
         metadata = read_checkpoint_metadata(path)
@@ -416,7 +435,8 @@ class DVPORecipe:
         timings["reference_forward"] = time.perf_counter() - started
         started = time.perf_counter()
         with offloaded(self.gvm, enabled=cfg.offload_frozen_models):
-            gvm_values = token_values(self.gvm, tokens, micro_batch_size=cfg.rollout.forward_micro_batch_size)
+            gvm_values = token_values(self.gvm, tokens, micro_batch_size=cfg.rollout.forward_micro_batch_size,
+                                      pg_collection=self.gvm_groups)
         timings["gvm_forward"] = time.perf_counter() - started
 
         kl_coef = self.kl_controller.value

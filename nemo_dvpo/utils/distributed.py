@@ -175,6 +175,37 @@ def initialize_distributed(parallel: ParallelConfig, **model_shape: int | None) 
     return launch
 
 
+def standalone_model_groups(tensor_parallel: int):
+    """Process groups for a model that runs at its own tensor-parallel size: TP ``tensor_parallel``,
+    no pipeline parallelism, data parallelism over the rest of the world.
+
+    The frozen GVM may use a different TP size from the policy (e.g. a smaller one, so its forward pass
+    needs less communication); megatron-core models take their groups from a ``ProcessGroupCollection``
+    instead of the global parallel state, so the two layouts coexist. TP groups are blocks of
+    consecutive ranks, as in megatron's default order, so on a multi-GPU node they stay within the node.
+    Collective: every rank calls it once, with the same argument.
+    """
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    world_size = dist.get_world_size()
+    if not isinstance(tensor_parallel, int) or tensor_parallel < 1 or world_size % tensor_parallel:
+        raise ConfigError(f"a tensor-parallel size of {tensor_parallel!r} does not divide the world size {world_size}")
+    grid = HyperCommGrid([tensor_parallel, 1, world_size // tensor_parallel, 1], ["tp", "cp", "dp", "pp"])
+    groups = ProcessGroupCollection()
+    groups.tp = grid.create_pg("tp")
+    groups.cp = grid.create_pg("cp")
+    groups.dp = grid.create_pg("dp")
+    groups.pp = grid.create_pg("pp")
+    groups.mp = grid.create_pg(["tp", "pp"])
+    groups.tp_cp = grid.create_pg(["tp", "cp"])
+    groups.dp_cp = grid.create_pg(["cp", "dp"])
+    # With a single pipeline stage the embedding and output layer live on the same rank.
+    groups.embd = groups.pp
+    groups.pos_embd = groups.pp
+    return groups
+
+
 def quiet_megatron_logging() -> None:
     """megatron-core logs every parameter of every DDP bucket and its full optimizer config at
     INFO; entry points keep their own INFO output and see only megatron's warnings."""

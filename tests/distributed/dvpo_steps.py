@@ -1,6 +1,7 @@
 """Two DVPO steps on the tiny model at the given TP/PP; rank 0 reports metrics, logits and frozen-model checks.
 
-Usage: dvpo_steps.py WORK_DIR TP PP [OLD_LOGPROBS]   (WORK_DIR holds init/ (policy) and gvm/ made by the test)
+Usage: dvpo_steps.py WORK_DIR TP PP [OLD_LOGPROBS [GVM_TP]]   (WORK_DIR holds init/ (policy) and gvm/ made by
+the test; GVM_TP runs the GVM on its own process groups at that tensor-parallel size)
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def main() -> None:
 
     work_dir, tp, pp = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     old_logprobs = sys.argv[4] if len(sys.argv) > 4 else "generation"
-    run_dir = work_dir / f"run_tp{tp}_pp{pp}_{old_logprobs}"
+    gvm_tp = int(sys.argv[5]) if len(sys.argv) > 5 else None
+    run_dir = work_dir / f"run_tp{tp}_pp{pp}_{old_logprobs}_gvm{gvm_tp}"
     cfg = DVPORecipeConfig(
         model=load_model_config("tiny"), run_dir=str(run_dir), init_from=str(work_dir / "init"),
-        gvm=str(work_dir / "gvm"), export_hf=False,
+        gvm=str(work_dir / "gvm"), gvm_tensor_model_parallel_size=gvm_tp, export_hf=False,
         data=PromptDataConfig(max_prompt_tokens=96),
         rollout=RolloutConfig(prompts_per_step=4, sampling=SamplingConfig(max_new_tokens=10, temperature=1.0),
                               forward_micro_batch_size=2, old_logprobs=old_logprobs),
