@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_dvpo.models.logprobs import token_entropies, token_logprobs
+from nemo_dvpo.models.logprobs import (
+    at_token_positions, predictive_entropies, response_logit_span, target_logprobs, token_entropies, token_logprobs,
+)
 
 
 @pytest.fixture
@@ -49,3 +51,56 @@ def test_entropy_value_and_gradient_match_autograd_reference(megatron_single_ran
     ours.sum().backward()
     reference.sum().backward()
     torch.testing.assert_close(ours_input.grad, reference_input.grad)
+
+
+def test_target_logprobs_leave_the_logits_alone_unless_allowed_to_overwrite(megatron_single_rank, logits_and_tokens):
+    logits, tokens = logits_and_tokens
+    kept = logits.clone()
+    expected = token_logprobs(logits, tokens)[:, 1:]
+    torch.testing.assert_close(target_logprobs(logits[:, :-1].contiguous(), tokens[:, 1:]), expected)
+    assert torch.equal(logits, kept)
+    scratch = logits[:, :-1].contiguous()
+    torch.testing.assert_close(target_logprobs(scratch, tokens[:, 1:], overwrite_logits=True), expected)
+    assert not torch.equal(scratch, kept[:, :-1])
+
+
+def test_logits_over_the_response_span_give_the_full_forward_pass_log_probs_and_gradients(megatron_single_rank):
+    """The PPO update projects only the positions that predict response tokens; on the response the
+    log-probs, entropies and parameter gradients equal those of the full forward pass."""
+    from nemo_dvpo.models.config import load_model_config
+    from nemo_dvpo.models.forward import logits_for_positions, position_ids_for
+    from nemo_dvpo.utils.distributed import ParallelConfig
+    from tests.distributed.common import megatron_from_hf, random_hf_model
+
+    model_cfg = load_model_config("tiny")
+    chunk = megatron_from_hf(model_cfg, random_hf_model(model_cfg), ParallelConfig())[0]
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    response_mask = torch.zeros(2, 12)
+    response_mask[0, 5:11] = 1  # ends before the row does: right padding follows
+    response_mask[1, 7:] = 1
+    start, end = response_logit_span(response_mask)
+    assert (start, end) == (4, 11)
+
+    def masked_sum_and_grads(logprobs, entropies):
+        chunk.zero_grad()
+        ((logprobs + 0.1 * entropies) * response_mask).sum().backward()
+        return {name: param.grad.clone() for name, param in chunk.named_parameters()}
+
+    full = chunk(tokens, position_ids_for(tokens), attention_mask=None)
+    expected = token_logprobs(full, tokens), token_entropies(full)
+    expected_grads = masked_sum_and_grads(*expected)
+
+    with logits_for_positions(chunk, start, end):
+        span = chunk(tokens, position_ids_for(tokens), attention_mask=None)
+    assert span.shape[:2] == (2, end - start)
+    entropies = at_token_positions(predictive_entropies(span), start)
+    logprobs = at_token_positions(target_logprobs(span, tokens[:, start + 1:], overwrite_logits=True), start)
+    grads = masked_sum_and_grads(logprobs, entropies)
+
+    on_response = response_mask.bool()
+    torch.testing.assert_close(logprobs[on_response], expected[0][on_response], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropies[on_response], expected[1][on_response], rtol=1e-5, atol=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The hook is gone after the context: full-length logits again.
+    assert chunk(tokens, position_ids_for(tokens), attention_mask=None).shape[1] == 12

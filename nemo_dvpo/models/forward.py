@@ -7,7 +7,8 @@ that schedule forward-only and hand the result to every rank, so callers never b
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,35 @@ import torch.distributed as dist
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+@contextmanager
+def logits_for_positions(model_chunk: torch.nn.Module, start: int, end: int) -> Iterator[None]:
+    """Within the context, ``model_chunk`` projects only positions ``start:end`` to the vocabulary.
+
+    A GPT returns logits (batch, end - start, vocab/TP) then. RLHF losses need logits only where
+    they predict response tokens; the output layer and everything computed from its logits
+    (log-softmax, entropy, their backward) is the largest per-token cost of a small model with a
+    large vocabulary, so skipping the prompt positions saves time and the largest activation.
+    Positions are absolute (sequence parallelism, which would shard them, is off in nemo_dvpo).
+    No effect on pipeline stages without the output layer.
+    """
+    from nemo_dvpo.models.builder import unwrap_model
+
+    gpt = unwrap_model(model_chunk)
+    if not gpt.post_process:
+        yield
+        return
+
+    def keep_positions(module, args, kwargs):
+        hidden_states = args[0]  # (seq, batch, hidden)
+        return (hidden_states[start:end], *args[1:]), kwargs
+
+    handle = gpt.output_layer.register_forward_pre_hook(keep_positions, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def broadcast_from_last_pipeline_stage(tensor: Optional[torch.Tensor], shape: tuple[int, ...],
@@ -36,13 +66,15 @@ def broadcast_from_last_pipeline_stage(tensor: Optional[torch.Tensor], shape: tu
 def forward_only(model: list[torch.nn.Module], tokens: torch.Tensor,
                  reduce_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  output_shape: tuple[int, ...], output_dtype: torch.dtype = torch.float32,
-                 micro_batch_size: Optional[int] = None) -> torch.Tensor:
+                 micro_batch_size: Optional[int] = None,
+                 logit_span: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Run ``model`` over ``tokens`` (batch, seq) without gradients through the pipeline schedule.
 
     ``reduce_output(model_output, micro_batch_tokens)`` turns the last stage's raw output (the
     vocab-parallel logits of a GPT, or the values of a value model) into the per-micro-batch result;
     results are concatenated along the batch and returned on every rank with ``output_shape``, on the
-    device ``tokens`` came on (the model runs on :func:`compute_device`).
+    device ``tokens`` came on (the model runs on :func:`compute_device`). With ``logit_span``
+    ``(start, end)`` a GPT's output covers only those positions (:func:`logits_for_positions`).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -57,7 +89,11 @@ def forward_only(model: list[torch.nn.Module], tokens: torch.Tensor,
 
     def forward_step(data_iterator, module):
         micro_tokens = next(data_iterator)
-        output = module(micro_tokens, position_ids_for(micro_tokens), attention_mask=None)
+        if logit_span is None:
+            output = module(micro_tokens, position_ids_for(micro_tokens), attention_mask=None)
+        else:
+            with logits_for_positions(module, *logit_span):
+                output = module(micro_tokens, position_ids_for(micro_tokens), attention_mask=None)
 
         def collect(output_tensor, non_loss_data=True):
             return reduce_output(output_tensor, micro_tokens)

@@ -53,8 +53,8 @@ from nemo_dvpo.inference.generation import SamplingConfig, generate
 from nemo_dvpo.models.builder import build_gpt_model, resolve_hf_config, unwrap_model
 from nemo_dvpo.models.config import ModelConfig
 from nemo_dvpo.models.conversion import export_model_to_hf
-from nemo_dvpo.models.forward import forward_only, position_ids_for
-from nemo_dvpo.models.logprobs import token_entropies, token_logprobs
+from nemo_dvpo.models.forward import forward_only, logits_for_positions, position_ids_for
+from nemo_dvpo.models.logprobs import at_token_positions, predictive_entropies, response_logit_span, target_logprobs
 from nemo_dvpo.models.sources import load_tokenizer
 from nemo_dvpo.models.value_model import build_value_model, token_values
 from nemo_dvpo.training.metrics import MetricsLogger, peak_memory_mib, progress_bar
@@ -389,22 +389,31 @@ class DVPORecipe:
 
     # -- 2.-4. rollout, scoring and advantages ----------------------------------------------------------
 
-    def _policy_logprobs_and_entropy(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _policy_logprobs_and_entropy(self, tokens: torch.Tensor,
+                                     response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         temperature = self.cfg.rollout.sampling.temperature
+        start, end = response_logit_span(response_mask)
 
         def reduce(logits, micro_tokens):
-            return torch.stack([token_logprobs(logits, micro_tokens, self.vocab_size, temperature),
-                                token_entropies(logits, self.vocab_size, temperature)], dim=-1)
+            entropy = predictive_entropies(logits, self.vocab_size, temperature)  # before the in-place log-probs
+            logprobs = target_logprobs(logits, micro_tokens[:, start + 1:], self.vocab_size, temperature,
+                                       overwrite_logits=True)
+            return torch.stack([at_token_positions(logprobs, start), at_token_positions(entropy, start)], dim=-1)
 
         both = forward_only(self.policy, tokens, reduce, (*tokens.shape, 2),
-                            micro_batch_size=self.cfg.rollout.forward_micro_batch_size)
+                            micro_batch_size=self.cfg.rollout.forward_micro_batch_size, logit_span=(start, end))
         return both[..., 0], both[..., 1]
 
-    def _reference_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _reference_logprobs(self, tokens: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
         temperature = self.cfg.rollout.sampling.temperature
-        return forward_only(self.reference, tokens,
-                            lambda logits, micro: token_logprobs(logits, micro, self.vocab_size, temperature),
-                            tuple(tokens.shape), micro_batch_size=self.cfg.rollout.forward_micro_batch_size)
+        start, end = response_logit_span(response_mask)
+
+        def reduce(logits, micro_tokens):
+            return at_token_positions(target_logprobs(logits, micro_tokens[:, start + 1:], self.vocab_size,
+                                                      temperature, overwrite_logits=True), start)
+
+        return forward_only(self.reference, tokens, reduce, tuple(tokens.shape),
+                            micro_batch_size=self.cfg.rollout.forward_micro_batch_size, logit_span=(start, end))
 
     def make_rollout(self, step: int, timings: dict, metrics: dict) -> Rollout:
         cfg = self.cfg
@@ -422,7 +431,7 @@ class DVPORecipe:
 
         if cfg.rollout.old_logprobs == "recompute":
             started = time.perf_counter()
-            old_logprobs, entropy = self._policy_logprobs_and_entropy(tokens)
+            old_logprobs, entropy = self._policy_logprobs_and_entropy(tokens, response_mask)
             timings["policy_forward"] = time.perf_counter() - started
             metrics["rollout/entropy"] = float(masked_mean(entropy, response_mask))
         else:
@@ -431,7 +440,7 @@ class DVPORecipe:
             old_logprobs = output.logprobs
         started = time.perf_counter()
         with offloaded(self.reference, enabled=cfg.offload_frozen_models):
-            ref_logprobs = self._reference_logprobs(tokens)
+            ref_logprobs = self._reference_logprobs(tokens, response_mask)
         timings["reference_forward"] = time.perf_counter() - started
         started = time.perf_counter()
         with offloaded(self.gvm, enabled=cfg.offload_frozen_models):
@@ -484,19 +493,25 @@ class DVPORecipe:
     def _forward_step(self, micro_batch: dict, chunk):
         ppo, temperature = self.cfg.ppo, self.cfg.rollout.sampling.temperature
         micro_batch = {name: value.to(compute_device()) for name, value in micro_batch.items()}
-        tokens = micro_batch["tokens"]
-        output = chunk(tokens, position_ids_for(tokens), attention_mask=None)
+        tokens, response_mask = micro_batch["tokens"], micro_batch["response_mask"]
+        # Logits only where they predict response tokens; prompt positions need none.
+        start, end = response_logit_span(response_mask)
+        with logits_for_positions(chunk, start, end):
+            output = chunk(tokens, position_ids_for(tokens), attention_mask=None)
 
         def loss_func(logits: torch.Tensor):
-            logprobs = token_logprobs(logits, tokens, self.vocab_size, temperature)
             entropy = None
+            # Before the log-probs: megatron's cross entropy then reuses the logits' memory in place.
             if ppo.entropy_coef > 0:
-                entropy = token_entropies(logits, self.vocab_size, temperature)
+                entropy = at_token_positions(predictive_entropies(logits, self.vocab_size, temperature), start)
             elif self._log_entropy:
                 with torch.no_grad():  # for the logs only, so only in the first PPO epoch
-                    entropy = token_entropies(logits.detach(), self.vocab_size, temperature)
+                    entropy = at_token_positions(
+                        predictive_entropies(logits.detach(), self.vocab_size, temperature), start)
+            logprobs = at_token_positions(target_logprobs(logits, tokens[:, start + 1:], self.vocab_size, temperature,
+                                                          overwrite_logits=True), start)
             result = policy_loss(logprobs, micro_batch["old_logprobs"], micro_batch["ref_logprobs"],
-                                 micro_batch["advantages"], micro_batch["response_mask"], clip=ppo.clip,
+                                 micro_batch["advantages"], response_mask, clip=ppo.clip,
                                  kl_loss_coef=0.0 if self.cfg.kl_in_reward else self.kl_controller.value,
                                  entropy=entropy, entropy_coef=ppo.entropy_coef)
             # A token mean over the whole mini-batch (all micro-batches and data-parallel ranks): the

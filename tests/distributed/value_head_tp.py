@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_dvpo.algorithms.gvm import gvm_loss, lambda_returns, terminal_rewards
-from nemo_dvpo.models.builder import make_bridge, unwrap_model
+from nemo_dvpo.models.builder import unwrap_model
 from nemo_dvpo.models.config import load_model_config
 from nemo_dvpo.models.forward import position_ids_for
 from nemo_dvpo.models.value_model import attach_value_head, token_values, value_head
