@@ -68,23 +68,42 @@ def test_value_mode_with_stored_gvm_statistics():
     assert _response(result.advantages) == pytest.approx([-2.0, 2.0, 1.0], rel=1e-6)
 
 
+# Mode "gae" bootstraps from state values, the GVM's values one position earlier: 50 (the last prompt
+# token, before the first response token), 1, 3 -> mean 18, Bessel std sqrt(769) -> normalised
+# 1.153950, -0.613036, -0.540914.
+STATE_NORMALIZED = [1.1539495135593902, -0.613035679078426, -0.5409138344809642]
+
+
 @pytest.mark.parametrize("gamma, lam, raw_gae, whitened", [
-    # delta_t = r_t + gamma V'(t+1) - V'(t), r = -0.1 * (0.5, -0.2, 0.3), V'(4) = 0; A_t = delta_t + gamma lam A_{t+1}
-    (1.0, 0.5, [1.5537815380508713, -0.6355126152203487, -0.35025630761017446],
-     [1.1463797767365758, -0.6930233378598581, -0.45335643887671784]),
-    (0.9, 0.95, [1.1144170226770558, -0.791879235182978, -0.35025630761017446],
-     [1.1260741598504234, -0.7843236359738616, -0.3417505238765618]),
+    # delta_t = r_t + gamma V'(s_{t+1}) - V'(s_t), r = -0.1 * (0.5, -0.2, 0.3), V'(s_4) = 0;
+    # A_t = delta_t + gamma lam A_{t+1}. gamma 1, lam 0.5:
+    #   A_3 = -0.03 + 0.540914 = 0.510914;  A_2 = 0.02 - 0.540914 + 0.613036 + 0.5 A_3 = 0.347579
+    #   A_1 = -0.05 - 0.613036 - 1.153950 + 0.5 A_2 = -1.643196
+    (1.0, 0.5, [-1.6431958117188443, 0.34757876183794395, 0.5109138344809642],
+     [-1.1520202560245227, 0.5079146268253623, 0.6441056291991604]),
+    (0.9, 0.95, [-1.2571785288995745, 0.5830445565267826, 0.5109138344809642],
+     [-1.1540090228684718, 0.6116077100380675, 0.5424013128304045]),
 ])
 def test_gae_mode_matches_hand_computed_advantages(gamma, lam, raw_gae, whitened):
     result = compute_advantages(GVM_VALUES, LOGPROBS, REF_LOGPROBS, RESPONSE_MASK, mode="gae",
                                 kl_coef=KL_COEF, gamma=gamma, lam=lam)
     assert _response(result.kl_rewards) == pytest.approx([-0.05, 0.02, -0.03], rel=1e-5)
-    assert _response(result.normalized_values) == pytest.approx(NORMALIZED, rel=1e-6)
+    assert _response(result.normalized_values) == pytest.approx(STATE_NORMALIZED, rel=1e-6)
     assert _response(result.advantages) == pytest.approx(whitened, rel=1e-5)
     mean = sum(raw_gae) / 3
     std = math.sqrt(sum((a - mean) ** 2 for a in raw_gae) / 2)
     assert [(a - mean) / std for a in raw_gae] == pytest.approx(whitened, rel=1e-6)
     assert result.advantages[~RESPONSE_MASK].abs().max() == 0
+
+
+def test_gae_mode_credits_the_token_after_which_the_gvm_value_rises():
+    """A token the GVM rates highly (its value jumps at that token) gets the larger advantage, no KL."""
+    mask = torch.tensor([[False, True, True, True, True]])
+    values = torch.tensor([[0.0, 0.0, 2.0, 2.0, 2.0]])  # token 2 raises the value
+    zeros = torch.zeros(1, 5)
+    advantages = compute_advantages(values, zeros, zeros, mask, mode="gae", gamma=1.0, lam=0.0).advantages
+    assert advantages[0, 2] == advantages[0, 1:].max()
+    assert advantages[0, 2] > 0
 
 
 def test_unknown_mode_is_an_error():

@@ -11,10 +11,16 @@ Advantages, ``mode="value"`` (the paper): the batch-normalised GVM value::
 
 Advantages, ``mode="gae"`` (the authors' code): per-token rewards are the KL penalty alone,
 ``r_t = -beta * (log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t))``; GAE runs over those rewards and the
-normalised values ``V'_t``, with ``V'(T+1) := 0``, and the result is whitened again::
+normalised *state* values ``V'(s_t)``, with ``V'(s_{T+1}) := 0``, and the result is whitened again::
 
-    delta_t = r_t + gamma * V'(t+1) - V'(t)
+    delta_t = r_t + gamma * V'(s_{t+1}) - V'(s_t)
     A_t     = whiten(sum_k (gamma * lam)^k delta_{t+k})
+
+``V(s_t)`` is the value of the state *before* token ``a_t`` is chosen: the GVM's value at position
+``t - 1``. (Its value at ``t`` has seen ``a_t``, an action value; subtracting that would push the policy
+away from exactly the tokens the GVM rates highly. TRL-style PPO code, which the authors' code forks,
+aligns values the same way.) With no reward but the KL, the GVM enters the gradient only through
+GAE's bootstrapping (``lam < 1``): ``A_t`` credits ``a_t`` with the discounted value changes that follow.
 
 Policy loss, PPO's clipped surrogate with ``rho_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t)``::
 
@@ -96,7 +102,8 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
 
 class Advantages(NamedTuple):
     advantages: torch.Tensor
-    # The GVM values as normalised for the advantages (0 outside the response).
+    # The GVM values as normalised for the advantages, at each response token (mode "gae": the value
+    # of the state before the token); 0 outside the response.
     normalized_values: torch.Tensor
     # Per-token KL-penalty rewards (0 in mode "value", where the KL is a loss term).
     kl_rewards: torch.Tensor
@@ -117,6 +124,9 @@ def compute_advantages(gvm_values: torch.Tensor, logprobs: torch.Tensor, ref_log
     if mode not in ADVANTAGE_MODES:
         raise ValueError(f"unknown advantage mode {mode!r}; expected one of {ADVANTAGE_MODES}")
     mask = response_mask.bool()
+    if mode == "gae":
+        # State values: token t's baseline is the GVM's value at t - 1, before the token was chosen.
+        gvm_values = torch.cat([torch.zeros_like(gvm_values[:, :1]), gvm_values[:, :-1]], dim=1)
     if value_stats is None:
         normalized_values = masked_normalize(gvm_values, mask, eps=eps, group=group)
     else:
