@@ -55,13 +55,13 @@ def test_entropy_value_and_gradient_match_autograd_reference(megatron_single_ran
 
 def test_target_logprobs_leave_the_logits_alone_unless_allowed_to_overwrite(megatron_single_rank, logits_and_tokens):
     logits, tokens = logits_and_tokens
-    kept = logits.clone()
     expected = token_logprobs(logits, tokens)[:, 1:]
-    torch.testing.assert_close(target_logprobs(logits[:, :-1].contiguous(), tokens[:, 1:]), expected)
-    assert torch.equal(logits, kept)
-    scratch = logits[:, :-1].contiguous()
-    torch.testing.assert_close(target_logprobs(scratch, tokens[:, 1:], overwrite_logits=True), expected)
-    assert not torch.equal(scratch, kept[:, :-1])
+    predicting = logits[:, :-1].contiguous()
+    kept = predicting.clone()
+    torch.testing.assert_close(target_logprobs(predicting, tokens[:, 1:]), expected)
+    assert torch.equal(predicting, kept)
+    torch.testing.assert_close(target_logprobs(predicting, tokens[:, 1:], overwrite_logits=True), expected)
+    assert not torch.equal(predicting, kept)
 
 
 def test_logits_over_the_response_span_give_the_full_forward_pass_log_probs_and_gradients(megatron_single_rank):
