@@ -5,14 +5,34 @@ verifiable prompts (IFEval strict, fraction of instructions followed) before and
 prints the summary: both means with 95% confidence intervals and the paired change.
 
     python benchmarks/dvpo_verifiable.py --gvm runs/gvm_bench/final [--steps 30] [--eval-prompts 200]
+
+The starting model's greedy answers are deterministic, so ``--before-from runs/<earlier>/summary.json``
+reuses the per-prompt scores of an earlier run from the same starting model and eval settings instead of
+scoring the starting model again (11 minutes on the CPU machine); it refuses a summary scored on other
+prompts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from _runs import REPO_ROOT, median_of, read_metrics, run_entry_point
+
+sys.path.insert(0, str(REPO_ROOT))
+from nemo_dvpo.recipes.dvpo import confidence_interval_95  # noqa: E402
+
+
+def paired_change(before: dict, after: dict, before_path: str) -> dict:
+    """Mean and 95% CI of the per-prompt score change; both evaluations must cover the same prompts."""
+    if before.get("prompt_ids") != after["prompt_ids"]:
+        raise SystemExit(f"{before_path}: its verifiable_score_before was scored on other held-out prompts "
+                         f"than this run ({len(before.get('prompt_ids') or [])} vs {len(after['prompt_ids'])} "
+                         "prompts, or a different selection); rerun without --before-from")
+    mean, half_width = confidence_interval_95([a - b for a, b in zip(after["scores"], before["scores"])])
+    return {"mean": mean, "ci95": half_width, "num_prompts": len(after["scores"])}
 
 
 def main() -> None:
@@ -21,13 +41,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-prompts", type=int, default=200)
     parser.add_argument("--run-dir", default="runs/bench_dvpo_verifiable")
+    parser.add_argument("--before-from", help="an earlier run's summary.json whose 'before' scores to reuse")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for examples/train_dvpo.py")
     args = parser.parse_args()
     run_dir = (REPO_ROOT / args.run_dir).resolve()
+    reused_before = None
+    if args.before_from:
+        reused_before = json.loads(Path(args.before_from).read_text())["verifiable_score_before"]
+        if reused_before is None or "scores" not in reused_before:
+            raise SystemExit(f"{args.before_from}: has no per-prompt verifiable_score_before scores")
     wall = run_entry_point("train_dvpo.py", [
         f"gvm={args.gvm}", f"run_dir={run_dir}", f"train.steps={args.steps}", f"eval.num_prompts={args.eval_prompts}",
-        "export_hf=false", *args.overrides])
+        "export_hf=false", *(["eval.before=false"] if reused_before else []), *args.overrides])
     summary = json.loads((run_dir / "summary.json").read_text())
+    if reused_before:
+        summary["verifiable_score_before"] = reused_before
+        summary["verifiable_score_change"] = paired_change(reused_before, summary["verifiable_score_after"],
+                                                           args.before_from)
+        summary["verifiable_score_before_from"] = args.before_from
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     records = read_metrics(run_dir)
     print(f"\nwall {wall:.0f} s; median step {median_of(records, 'time/step_s'):.1f} s; "
           f"peak memory {max(r['perf/peak_memory_mib'] for r in records):.0f} MiB")
