@@ -16,23 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from _runs import REPO_ROOT, median_of, read_metrics, run_entry_point
-
-sys.path.insert(0, str(REPO_ROOT))
-from nemo_dvpo.recipes.dvpo import confidence_interval_95  # noqa: E402
-
-
-def paired_change(before: dict, after: dict, before_path: str) -> dict:
-    """Mean and 95% CI of the per-prompt score change; both evaluations must cover the same prompts."""
-    if before.get("prompt_ids") != after["prompt_ids"]:
-        raise SystemExit(f"{before_path}: its verifiable_score_before was scored on other held-out prompts "
-                         f"than this run ({len(before.get('prompt_ids') or [])} vs {len(after['prompt_ids'])} "
-                         "prompts, or a different selection); rerun without --before-from")
-    mean, half_width = confidence_interval_95([a - b for a, b in zip(after["scores"], before["scores"])])
-    return {"mean": mean, "ci95": half_width, "num_prompts": len(after["scores"])}
+from verifiable_paired import confidence_interval_95, per_prompt_changes
 
 
 def main() -> None:
@@ -56,8 +43,10 @@ def main() -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     if reused_before:
         summary["verifiable_score_before"] = reused_before
-        summary["verifiable_score_change"] = paired_change(reused_before, summary["verifiable_score_after"],
-                                                           args.before_from)
+        changes = per_prompt_changes(reused_before, summary["verifiable_score_after"],
+                                     f"{args.before_from} and this run")
+        mean, half_width = confidence_interval_95(changes)
+        summary["verifiable_score_change"] = {"mean": mean, "ci95": half_width, "num_prompts": len(changes)}
         summary["verifiable_score_before_from"] = args.before_from
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     records = read_metrics(run_dir)

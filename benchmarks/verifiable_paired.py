@@ -32,6 +32,14 @@ def load_evaluation(spec: str) -> dict:
     return evaluation
 
 
+def per_prompt_changes(before: dict, after: dict, what: str) -> list[float]:
+    """``after - before`` per prompt; refuses two evaluations of different prompts (``what`` names them)."""
+    if before.get("prompt_ids") != after.get("prompt_ids"):
+        raise SystemExit(f"{what}: scored on different held-out prompts ({len(before.get('prompt_ids') or [])} "
+                         f"vs {len(after.get('prompt_ids') or [])} prompts, or a different selection)")
+    return [a - b for a, b in zip(after["scores"], before["scores"])]
+
+
 def sign_test_p(better: int, worse: int) -> float:
     """Two-sided exact sign test of ``better`` vs ``worse`` (ties dropped)."""
     total = better + worse
@@ -47,13 +55,11 @@ def main() -> None:
     seen: set = set()
     for before_spec, after_spec in args.pair:
         before, after = load_evaluation(before_spec), load_evaluation(after_spec)
-        if before["prompt_ids"] != after["prompt_ids"]:
-            raise SystemExit(f"{before_spec} and {after_spec} were scored on different prompts")
+        pair_changes = per_prompt_changes(before, after, f"{before_spec} and {after_spec}")
         repeated = seen.intersection(after["prompt_ids"])
         if repeated:
             raise SystemExit(f"{after_spec}: prompts already counted in an earlier pair, e.g. {sorted(repeated)[:3]}")
         seen.update(after["prompt_ids"])
-        pair_changes = [a - b for a, b in zip(after["scores"], before["scores"])]
         mean, half_width = confidence_interval_95(pair_changes)
         print(f"{after_spec}: {mean:+.4f} +- {half_width:.4f} over {len(pair_changes)} prompts")
         changes += pair_changes
