@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from _runs import REPO_ROOT, median_of, read_metrics, run_entry_point
-from verifiable_paired import confidence_interval_95, per_prompt_changes
+from verifiable_paired import confidence_interval_95, load_evaluation, per_prompt_changes
 
 
 def main() -> None:
@@ -32,11 +31,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for examples/train_dvpo.py")
     args = parser.parse_args()
     run_dir = (REPO_ROOT / args.run_dir).resolve()
-    reused_before = None
-    if args.before_from:
-        reused_before = json.loads(Path(args.before_from).read_text())["verifiable_score_before"]
-        if reused_before is None or "scores" not in reused_before:
-            raise SystemExit(f"{args.before_from}: has no per-prompt verifiable_score_before scores")
+    reused_before = load_evaluation(f"{args.before_from}:verifiable_score_before") if args.before_from else None
     wall = run_entry_point("train_dvpo.py", [
         f"gvm={args.gvm}", f"run_dir={run_dir}", f"train.steps={args.steps}", f"eval.num_prompts={args.eval_prompts}",
         "export_hf=false", *(["eval.before=false"] if reused_before else []), *args.overrides])
