@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from nemo_dvpo.checkpointing.model_checkpoint import save_model_checkpoint
-from nemo_dvpo.inference.chat import apply_chat_template, read_prompts_jsonl
+from nemo_dvpo.data.prompts import read_prompts
+from nemo_dvpo.inference.chat import apply_chat_template
 from nemo_dvpo.inference.generation import SamplingConfig, generate
 from nemo_dvpo.models.builder import build_gpt_model, padded_vocab_size, resolve_hf_config, unwrap_model
 from nemo_dvpo.models.config import load_model_config
@@ -111,13 +112,13 @@ def test_apply_chat_template_wraps_a_string_as_one_user_turn(smollm2_chat_prompt
         apply_chat_template(types.SimpleNamespace(chat_template=None), "hi")
 
 
-def test_read_prompts_jsonl(tmp_path):
+def test_read_prompts(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "Hi"}\n\n{"messages": [{"role": "user", "content": "Yo"}]}\n')
-    assert read_prompts_jsonl(path) == ["Hi", [{"role": "user", "content": "Yo"}]]
+    assert read_prompts(path) == ["Hi", [{"role": "user", "content": "Yo"}]]
     path.write_text('{"prompt": "Hi"}\n{"text": "no"}\n')
     with pytest.raises(NemoDvpoError, match="prompts.jsonl:2"):
-        read_prompts_jsonl(path)
+        read_prompts(path)
 
 
 # --- the tiny random model: layout, log-probs, stopping, seeding, vocabulary ----------------------
@@ -297,3 +298,44 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny, monk
         length = len(prompt) + GREEDY_UNSTOPPED.max_new_tokens
         torch.testing.assert_close(batched.logprobs[row, :length], alone.logprobs[0, :length], rtol=1e-4, atol=1e-5)
 
+
+
+def test_repeated_prompts_are_prefilled_once_and_generate_what_each_generates_alone(tiny, monkeypatch):
+    """Several samples of one prompt share its prefill: the model sees each distinct prompt once, and
+    every row then decodes exactly as it would alone (greedy tokens, log-probs)."""
+    from nemo_dvpo.inference import generation
+
+    model, tokenizer = tiny
+    prefill_rows = []
+    original = generation._SharedPrefillMixin.run_one_forward_step
+
+    def recording(self, inference_input, *args, **kwargs):
+        if self.inference_context.sequence_len_offset == 0:
+            prefill_rows.append(None if self.repeat_of is None else self.repeat_of.tolist())
+        return original(self, inference_input, *args, **kwargs)
+
+    monkeypatch.setattr(generation._SharedPrefillMixin, "run_one_forward_step", recording)
+    rows = [TINY_PROMPTS[0], TINY_PROMPTS[1], TINY_PROMPTS[0], TINY_PROMPTS[2], TINY_PROMPTS[1]]
+    batched = generate(model, tokenizer, rows, GREEDY_UNSTOPPED)
+    assert prefill_rows == [[0, 1, 0, 3, 1]]
+    for row, prompt in enumerate(rows):
+        alone = generate(model, tokenizer, [prompt], GREEDY_UNSTOPPED)
+        assert batched.response_token_ids(row) == alone.response_token_ids(0)
+        length = len(prompt) + GREEDY_UNSTOPPED.max_new_tokens
+        torch.testing.assert_close(batched.logprobs[row, :length], alone.logprobs[0, :length], rtol=1e-4, atol=1e-5)
+    # Sampling: the repeated rows draw their own tokens from identical distributions.
+    sampled = generate(model, tokenizer, [TINY_PROMPTS[0]] * 4, SamplingConfig(max_new_tokens=6, seed=3,
+                                                                                 stop_on_eos=False))
+    assert len({tuple(sampled.response_token_ids(row)) for row in range(4)}) > 1
+
+
+def test_top_k_sampling_draws_only_among_the_k_most_likely_tokens(tiny):
+    model, tokenizer = tiny
+    sampling = SamplingConfig(max_new_tokens=6, top_k=3, temperature=1.5, seed=11, stop_on_eos=False)
+    output = generate(model, tokenizer, TINY_PROMPTS * 3, sampling)
+    logits = full_logits(model, output.tokens)[..., :len(tokenizer)]
+    for row in range(output.tokens.shape[0]):
+        start = int(output.prompt_lengths[row])
+        for position in range(start, start + int(output.response_lengths[row])):
+            top3 = torch.topk(logits[row, position - 1], 3).indices.tolist()
+            assert int(output.tokens[row, position]) in top3
