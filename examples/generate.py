@@ -15,7 +15,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_dvpo.checkpointing.model_checkpoint import load_model_checkpoint, read_checkpoint_model_config
-from nemo_dvpo.inference.chat import apply_chat_template, encode_prompt, read_prompts_jsonl
+from nemo_dvpo.data.prompts import read_prompts
+from nemo_dvpo.inference.chat import apply_chat_template, encode_prompt
 from nemo_dvpo.inference.generation import SamplingConfig, generate
 from nemo_dvpo.models.builder import build_gpt_model
 from nemo_dvpo.models.config import load_model_config
@@ -35,7 +36,7 @@ def load_prompts(cfg: DictConfig) -> list:
     if (cfg.prompts is None) == (cfg.prompts_file is None):
         raise ConfigError("give exactly one of prompts='[\"...\", ...]' or prompts_file=path.jsonl")
     if cfg.prompts_file is not None:
-        return read_prompts_jsonl(cfg.prompts_file)
+        return read_prompts(cfg.prompts_file)
     prompts = OmegaConf.to_container(cfg.prompts) if OmegaConf.is_config(cfg.prompts) else [cfg.prompts]
     if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
         raise ConfigError(f"prompts must be a non-empty list of strings, got {prompts!r}")

@@ -26,7 +26,7 @@ from nemo_dvpo.data.preference import (
     split_by_prompt,
     tokenize_preference_records,
 )
-from nemo_dvpo.inference.chat import read_prompts_jsonl
+from nemo_dvpo.data.prompts import read_prompts
 from nemo_dvpo.utils.config import from_dict
 from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
 
@@ -476,7 +476,7 @@ def prepare_ultrafeedback():
 def _prompts_per_split(folder: Path) -> dict[str, list[str]]:
     prompts = {name: [row["prompt"] for row in map(json.loads, (folder / f"{name}.jsonl").read_text().splitlines())]
                for name in ("test", "sft", "value")}
-    prompts["rl"] = list(read_prompts_jsonl(folder / "rl.jsonl"))
+    prompts["rl"] = list(read_prompts(folder / "rl.jsonl"))
     return prompts
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
+from nemo_dvpo.data.jsonl import first_invalid_utf8, invalid_utf8_message, iter_jsonl
 from nemo_dvpo.utils.errors import NemoDvpoError
 
 DataFormat = Literal["auto", "jsonl", "json", "parquet", "disk", "hub"]
@@ -144,21 +145,17 @@ def _iter_file(file: Path, format: str) -> Iterator[SourceRecord]:
 
 
 def _iter_jsonl(file: Path) -> Iterator[SourceRecord]:
-    row = 0
-    with open(file, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{file}:line {line_number} (row {row})"
-            try:
-                yield SourceRecord(json.loads(line), where)
-            except json.JSONDecodeError as error:
-                yield SourceRecord(None, where, decode_error=f"not valid JSON ({error})")
-            row += 1
+    for row, line in enumerate(iter_jsonl(file, "data file")):
+        yield SourceRecord(line.value, f"{file}:line {line.number} (row {row})", decode_error=line.error)
 
 
 def _iter_json(file: Path) -> Iterator[SourceRecord]:
-    text = file.read_text(encoding="utf-8")
+    raw = file.read_bytes()
+    bad_byte = first_invalid_utf8(raw)
+    if bad_byte is not None:
+        line_number = raw.count(b"\n", 0, bad_byte) + 1
+        raise NemoDvpoError(f"{file}:{line_number}: {invalid_utf8_message(raw, bad_byte)}")
+    text = raw.decode("utf-8")
     try:
         records = json.loads(text)
     except json.JSONDecodeError as error:

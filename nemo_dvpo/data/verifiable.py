@@ -31,7 +31,6 @@ import contextlib
 import functools
 import importlib
 import importlib.util
-import json
 import os
 import random
 import shutil
@@ -366,22 +365,18 @@ def score_response(record: Mapping[str, Any], response: str) -> float:
 
 def read_prompt_records(path: str | Path) -> list[dict[str, Any]]:
     """Prompt records from a JSONL file (e.g. ``data/smollm2_ifeval/prompts_heldout.jsonl``), validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise NemoDvpoError(f"prompt records file {path} does not exist")
+    from nemo_dvpo.data.jsonl import iter_jsonl
+
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
+    for line in iter_jsonl(path, "prompt records file"):
+        where = f"{Path(path)}:{line.number}"
+        if line.error is not None:
+            raise NemoDvpoError(f"{where}: {line.error}")
+        if not isinstance(line.value, dict):
+            raise NemoDvpoError(f"{where}: expected a JSON object")
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise NemoDvpoError(f"{path}:{number}: not valid JSON ({error})") from error
-        if not isinstance(record, dict):
-            raise NemoDvpoError(f"{path}:{number}: expected a JSON object")
-        try:
-            _validate(record)
+            _validate(line.value)
         except NemoDvpoError as error:
-            raise NemoDvpoError(f"{path}:{number}: {error}") from error
-        records.append(record)
+            raise NemoDvpoError(f"{where}: {error}") from error
+        records.append(line.value)
     return records

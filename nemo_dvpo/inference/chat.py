@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Union
 
 from nemo_dvpo.utils.errors import NemoDvpoError
@@ -35,27 +33,3 @@ def encode_prompt(tokenizer, prompt: Prompt, use_chat_template: bool = True) -> 
     if use_chat_template or not isinstance(prompt, str):
         return apply_chat_template(tokenizer, prompt)
     return tokenizer(prompt)["input_ids"]
-
-
-def read_prompts_jsonl(path: str | Path) -> list[Prompt]:
-    """Prompts from a JSONL file: one ``{"prompt": str}`` or ``{"messages": [...]}`` per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise NemoDvpoError(f"prompts file {path} does not exist")
-    prompts: list[Prompt] = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise NemoDvpoError(f"{path}:{line_number}: not valid JSON ({error})") from error
-        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-            prompts.append(record["prompt"])
-        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-            prompts.append(record["messages"])
-        else:
-            raise NemoDvpoError(f'{path}:{line_number}: expected {{"prompt": str}} or {{"messages": [...]}}')
-    if not prompts:
-        raise NemoDvpoError(f"prompts file {path} holds no prompts")
-    return prompts
