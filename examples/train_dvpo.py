@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from nemo_dvpo.recipes.dvpo import DVPORecipe, format_summary, parse_config, train_gvm_first
+from nemo_dvpo.training.stopping import GracefulStop
 from nemo_dvpo.utils.distributed import destroy_distributed, print_rank_zero
 from nemo_dvpo.utils.errors import exit_on_user_error
 
@@ -21,9 +22,11 @@ from nemo_dvpo.utils.errors import exit_on_user_error
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     config = parse_config(cfg)
-    gvm_path = config.gvm or train_gvm_first(cfg, config)
-    recipe = DVPORecipe(config, gvm_path)
-    summary = recipe.train()
+    # Signals during loading already ask for a clean stop (Ctrl-C twice exits at once).
+    with GracefulStop() as stop:
+        gvm_path = config.gvm or train_gvm_first(cfg, config, stop=stop)
+        recipe = DVPORecipe(config, gvm_path, stop=stop)
+        summary = recipe.train()
     print_rank_zero(format_summary(summary))
     recipe.cleanup()
     destroy_distributed()

@@ -12,14 +12,18 @@ import hydra
 from omegaconf import DictConfig
 
 from nemo_dvpo.recipes.gvm import GVMRecipe, parse_config
+from nemo_dvpo.training.stopping import GracefulStop
 from nemo_dvpo.utils.errors import exit_on_user_error
 
 
 @hydra.main(config_path="../conf", config_name="gvm", version_base=None)
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    recipe = GVMRecipe(parse_config(cfg))
-    recipe.train()
+    config = parse_config(cfg)
+    # Signals during loading already ask for a clean stop (Ctrl-C twice exits at once).
+    with GracefulStop() as stop:
+        recipe = GVMRecipe(config, stop=stop)
+        recipe.train()
     recipe.cleanup()
 
 

@@ -65,7 +65,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError, exit_on_user_error  # noqa: E402
+from nemo_dvpo.utils.errors import ConfigError, exit_on_user_error  # noqa: E402
 
 DEFAULT_TEMPLATES = REPO_ROOT / "data" / "base_task_templates.json"
 SPLITS = ("train", "heldout")
@@ -321,20 +321,9 @@ def build_pool(tasks: Sequence[BaseTask], seed: int, heldout_fraction: float, ma
 
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSONL file; a final line cut short by an interrupted write is ignored."""
-    if not path.is_file():
-        return []
-    records = []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise NemoDvpoError(f"{path}:{number}: not valid JSON")
-    return records
+    from nemo_dvpo.data.jsonl import read_jsonl as read_jsonl_file
+
+    return read_jsonl_file(path, tolerate_cut_last_line=True) if path.is_file() else []
 
 
 def write_jsonl(path: Path, records: Iterable[Mapping]) -> None:
@@ -577,6 +566,14 @@ def pool_settings(args: argparse.Namespace) -> dict:
             "templates": Path(args.templates).name}
 
 
+def pool_extends(previous: dict, current: dict) -> bool:
+    """A resumed build may only grow the pool: the seeded draw is sequential, so the first N prompts
+    of a larger pool are the N prompts of the smaller one (the scored prompts are checked again below)."""
+    same = {key: value for key, value in previous.items() if key != "num_prompts"} == \
+        {key: value for key, value in current.items() if key != "num_prompts"}
+    return same and current.get("num_prompts", 0) >= previous.get("num_prompts", 0)
+
+
 def eval_index(args: argparse.Namespace) -> tuple[Optional[EvalIndex], dict]:
     if args.skip_eval_check:
         print("disjointness check skipped (--skip-eval-check)", flush=True)
@@ -596,13 +593,16 @@ def eval_index(args: argparse.Namespace) -> tuple[Optional[EvalIndex], dict]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.time()
-    output_dir = Path(args.output_dir)
+    from nemo_dvpo.utils.paths import check_output_dir
+
+    output_dir = check_output_dir(args.output_dir, "--output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = output_dir / "manifest.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    if previous and previous.get("pool_settings") != pool_settings(args):
+    if previous and not pool_extends(previous.get("pool_settings") or {}, pool_settings(args)):
         raise ConfigError(f"{output_dir} was built with {previous.get('pool_settings')}; these arguments give "
-                          f"{pool_settings(args)}. Use another --output-dir or the same arguments to resume.")
+                          f"{pool_settings(args)}. Use another --output-dir, or the same arguments (a larger "
+                          "--num-prompts is allowed) to resume.")
 
     from nemo_dvpo.data.verifiable import WORDS_PER_TOKEN, ensure_punkt
 
@@ -657,7 +657,8 @@ def main(argv=None) -> None:
             "model": {"checkpoint": args.checkpoint} if args.checkpoint else
                      {"preset": args.model, "name": model_cfg.name, "source": model_cfg.source,
                       "precision": model_cfg.precision},
-            "generation": {"engine": "nemo_dvpo.inference.generation.generate (megatron-core static batch)",
+            "generation": {"engine": "nemo_dvpo.inference.generation.generate (megatron-core static batch; "
+                                     "each distinct prompt prefilled once, top-k draws among the k candidates)",
                            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                            "top_k": args.top_k, "top_p": args.top_p, "samples_per_prompt": args.samples_per_prompt,
                            "batch_prompts": args.batch_prompts, "chat_template": True,

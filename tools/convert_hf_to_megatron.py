@@ -23,6 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hf-path", required=True,
                         help="HF model folder, hub id, .gguf file, package://pkg/file.gguf, or a preset name")
     parser.add_argument("--megatron-path", required=True, help="output checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output folder (only one that nemo_dvpo wrote)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer source if not the model's own")
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--pipeline-parallel", type=int, default=1)
@@ -40,7 +42,7 @@ def main(argv=None) -> None:
     parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_parallel,
                               pipeline_model_parallel_size=args.pipeline_parallel)
     path = convert_hf_to_megatron(args.hf_path, args.megatron_path, parallel=parallel,
-                                  tokenizer_path=args.tokenizer, precision=args.precision)
+                                  tokenizer_path=args.tokenizer, precision=args.precision, overwrite=args.overwrite)
     print_rank_zero(f"saved Megatron checkpoint to {path}")
     destroy_distributed()
 

@@ -21,6 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megatron-path", required=True, help="nemo_dvpo Megatron checkpoint folder")
     parser.add_argument("--hf-path", required=True, help="output Hugging Face folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output folder (only one that nemo_dvpo wrote)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--pipeline-parallel", type=int, default=1)
@@ -35,7 +37,8 @@ def main(argv=None) -> None:
 
     parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_parallel,
                               pipeline_model_parallel_size=args.pipeline_parallel)
-    path = export_megatron_to_hf(args.megatron_path, args.hf_path, parallel=parallel, dtype=args.dtype)
+    path = export_megatron_to_hf(args.megatron_path, args.hf_path, parallel=parallel, dtype=args.dtype,
+                                 overwrite=args.overwrite)
     print_rank_zero(f"saved Hugging Face model to {path}")
     destroy_distributed()
 

@@ -35,6 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from nemo_dvpo.utils.paths import check_output_file
+
+    if args.output:
+        check_output_file(args.output, "--output")  # before the evaluation, not after it
     from nemo_dvpo.data.preference import PreferenceDataConfig, collate_value_batch, load_preference_data
     from nemo_dvpo.evaluation.gvm_checkpoint import load_gvm
     from nemo_dvpo.evaluation.value_accuracy import SUMMARIES, evaluate_pairs

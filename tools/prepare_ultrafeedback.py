@@ -91,8 +91,10 @@ def main(argv=None) -> dict:
     from nemo_dvpo.data.readers import iter_source_records
     from nemo_dvpo.data.splits import assign_by_key, split_counts
 
+    from nemo_dvpo.utils.paths import check_output_dir
+
     fractions = _check_fractions(args)
-    output_dir = Path(args.output_dir)
+    output_dir = check_output_dir(args.output_dir, "--output-dir")
     paths = {name: output_dir / f"{name}.jsonl" for name in SPLITS}
     manifest_path = output_dir / "manifest.json"
     existing = [str(p) for p in [*paths.values(), manifest_path] if p.exists()]

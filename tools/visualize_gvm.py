@@ -46,6 +46,9 @@ def main(argv=None) -> None:
     from nemo_dvpo.utils.distributed import destroy_distributed, is_rank_zero, print_rank_zero
     from nemo_dvpo.utils.errors import NemoDvpoError
 
+    from nemo_dvpo.utils.paths import check_output_dir
+
+    check_output_dir(args.out_dir, "--out-dir")
     if bool(args.data) == bool(args.prompt):
         raise NemoDvpoError("give either --prompt with one or more --response, or --data with --index")
     gvm = load_gvm(args.gvm)

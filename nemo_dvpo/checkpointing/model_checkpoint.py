@@ -30,6 +30,8 @@ from nemo_dvpo.utils.config import from_dict
 from nemo_dvpo.utils.errors import CheckpointError
 
 METADATA_FILE = "nemo_dvpo_checkpoint.json"
+# Written into Hugging Face folders that nemo_dvpo exports (marks them as ours to replace).
+EXPORT_MARKER_FILE = "nemo_dvpo_export.json"
 FORMAT_VERSION = 1
 
 
@@ -42,18 +44,20 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast_error(error: Optional[BaseException]) -> None:
-    """Raise on every rank if rank 0 failed, so no rank waits forever in a collective."""
-    if not dist.is_initialized():
-        if error is not None:
-            raise error
-        return
-    message = [str(error) if error is not None else None]
-    dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        if error is not None:
-            raise error
-        raise CheckpointError(f"rank 0 failed: {message[0]}")
+def _broadcast_error(error: Optional[BaseException], cleanup=None) -> None:
+    """Raise on every rank if rank 0 failed, so no rank waits forever in a collective.
+
+    ``cleanup`` runs first (on every rank) when there is an error to raise.
+    """
+    if dist.is_initialized():
+        message = [str(error) if error is not None else None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and error is None:
+            error = CheckpointError(message[0])
+    if error is not None:
+        if cleanup is not None:
+            cleanup()
+        raise error
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -76,32 +80,78 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def is_our_layout(folder: Path) -> bool:
+    """Whether ``folder`` is a complete checkpoint or Hugging Face export that nemo_dvpo wrote."""
+    return (Path(folder) / METADATA_FILE).is_file() or (Path(folder) / EXPORT_MARKER_FILE).is_file()
+
+
 class AtomicCheckpointDir:
     """Collective context manager yielding a staging folder that replaces ``final`` on success.
 
-    All ranks enter and exit it together. Rank 0 owns folder creation and the final rename.
+    All ranks enter and exit it together; rank 0 owns folder creation and the final rename. ``final``
+    is replaced only when it is one of our own complete layouts (:func:`is_our_layout`) or empty: a
+    folder holding anything else is refused, so a user's files are never deleted. A failed save leaves
+    no staging folder behind, and a full disk is reported with the space the save needed (see
+    :meth:`reserve`).
     """
 
     def __init__(self, final: str | Path):
-        self.final = Path(final).resolve()
+        self.final = Path(final).expanduser().resolve()
         self.staging = self.final.parent / f".{self.final.name}.partial"
+        self.needed_bytes: Optional[int] = None
 
     def __enter__(self) -> Path:
         error = None
         if _rank() == 0:
             try:
+                if self.final.exists() and (not self.final.is_dir() or (any(self.final.iterdir())
+                                                                        and not is_our_layout(self.final))):
+                    what = "a file" if not self.final.is_dir() else "a folder that nemo_dvpo did not write"
+                    raise CheckpointError(f"refusing to replace {self.final}: it is {what}")
                 self.final.parent.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(self.staging, ignore_errors=True)
                 self.staging.mkdir()
             except OSError as exc:
                 error = CheckpointError(f"cannot create checkpoint folder {self.staging}: {exc}")
+            except CheckpointError as exc:
+                error = exc
         _broadcast_error(error)
         return self.staging
 
+    def reserve(self, nbytes_this_rank: int) -> None:
+        """Collective: refuse the save up front when the disk cannot hold what all ranks will write."""
+        from nemo_dvpo.checkpointing.distributed_io import free_bytes, mib
+
+        total = torch.tensor([float(nbytes_this_rank)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            from nemo_dvpo.utils.distributed import all_reduce_on_device
+
+            total = all_reduce_on_device(total)
+        self.needed_bytes = int(total.item())
+        error = None
+        if _rank() == 0:
+            free = free_bytes(self.staging)
+            if free is not None and free < self.needed_bytes:
+                error = CheckpointError(f"not enough disk space to save {self.final}: it needs about "
+                                        f"{mib(self.needed_bytes)}, {mib(free)} are free; nothing was written")
+        _broadcast_error(error, cleanup=self._remove_staging)
+
+    def _remove_staging(self) -> None:
+        if _rank() == 0:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
     def __exit__(self, exc_type, exc, traceback) -> bool:
-        _barrier()
         if exc_type is not None:
+            # Every rank failed in the same collective save (or the caller raised on all ranks).
+            self._remove_staging()
+            from nemo_dvpo.checkpointing.distributed_io import is_disk_full, mib
+
+            if isinstance(exc, Exception) and is_disk_full(exc):
+                needed = f" it needed about {mib(self.needed_bytes)};" if self.needed_bytes else ""
+                raise CheckpointError(f"the disk filled up while saving {self.final}:{needed} the partial "
+                                      "save was removed, the previous checkpoints are intact") from None
             return False
+        _barrier()
         error = None
         if _rank() == 0:
             try:
@@ -113,6 +163,7 @@ class AtomicCheckpointDir:
                 self.staging.rename(self.final)
                 shutil.rmtree(previous, ignore_errors=True)
             except OSError as exc:
+                shutil.rmtree(self.staging, ignore_errors=True)
                 error = CheckpointError(f"cannot move checkpoint into place at {self.final}: {exc}")
         _broadcast_error(error)
         return False
@@ -120,8 +171,7 @@ class AtomicCheckpointDir:
 
 def save_sharded_weights(model: list[torch.nn.Module], folder: Path) -> None:
     """Collective: write the model's sharded state dict as a megatron-core distributed checkpoint."""
-    from megatron.core import dist_checkpointing
-
+    from nemo_dvpo.checkpointing.distributed_io import save_distributed
     from nemo_dvpo.models.builder import unwrap_model
 
     if len(model) != 1:
@@ -129,13 +179,12 @@ def save_sharded_weights(model: list[torch.nn.Module], folder: Path) -> None:
     if _rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
     _barrier()
-    dist_checkpointing.save(unwrap_model(model[0]).sharded_state_dict(), str(folder))
+    save_distributed(unwrap_model(model[0]).sharded_state_dict(), folder)
 
 
 def load_sharded_weights(model: list[torch.nn.Module], folder: Path, strict: bool = True) -> None:
     """Collective: load a distributed checkpoint into ``model`` at the current TP/PP layout."""
-    from megatron.core import dist_checkpointing
-
+    from nemo_dvpo.checkpointing.distributed_io import load_distributed
     from nemo_dvpo.models.builder import unwrap_model
 
     module = unwrap_model(model[0])
@@ -143,7 +192,8 @@ def load_sharded_weights(model: list[torch.nn.Module], folder: Path, strict: boo
     # (a GVM at another TP size) would otherwise be validated against the global layout's.
     metadata = {"dp_cp_group": module.pg_collection.dp_cp}
     with torch.no_grad():
-        state_dict = dist_checkpointing.load(module.sharded_state_dict(metadata=metadata), str(folder))
+        state_dict = load_distributed(module.sharded_state_dict(metadata=metadata), Path(folder),
+                                      label=str(Path(folder).parent))
         missing, unexpected = module.load_state_dict(state_dict, strict=False)
     # TE layers carry "_extra_state" entries that a local-spec checkpoint does not have.
     missing = [key for key in missing if not key.endswith("_extra_state")]
@@ -170,7 +220,11 @@ def save_model_checkpoint(model: list[torch.nn.Module], path: str | Path, model_
                           hf_config, tokenizer=None, kind: str = "model",
                           extra: Optional[dict[str, Any]] = None) -> Path:
     """Collective: save model weights + config + tokenizer atomically to ``path``."""
-    with AtomicCheckpointDir(path) as staging:
+    from nemo_dvpo.checkpointing.distributed_io import state_dict_nbytes
+    from nemo_dvpo.models.builder import unwrap_model
+
+    with (target := AtomicCheckpointDir(path)) as staging:
+        target.reserve(state_dict_nbytes(unwrap_model(model[0]).sharded_state_dict()))
         save_sharded_weights(model, staging / "weights")
         if _rank() == 0:
             save_hf_artifacts(staging / "hf", hf_config, tokenizer)

@@ -69,22 +69,22 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: list[torch.n
                              model_cfg, hf_config, tokenizer, kind: str, trainer_state: dict[str, Any],
                              metadata: Optional[dict[str, Any]] = None, keep_last: int = 2) -> Path:
     """Collective: write the checkpoint for ``step`` atomically and point ``latest`` at it."""
-    from megatron.core import dist_checkpointing
-
+    from nemo_dvpo.checkpointing.distributed_io import save_distributed, state_dict_nbytes
     from nemo_dvpo.models.builder import unwrap_model
 
     path = checkpoint_dir(run_dir, step)
     module = unwrap_model(model[0])
-    with AtomicCheckpointDir(path) as staging:
+    with (target := AtomicCheckpointDir(path)) as staging:
+        model_state = module.sharded_state_dict()
+        optimizer_state = optimizer.sharded_state_dict(module.sharded_state_dict(), metadata=_OPTIMIZER_METADATA)
+        target.reserve(state_dict_nbytes(model_state) + state_dict_nbytes(optimizer_state))
         if _rank() == 0:
             (staging / "weights").mkdir()
             (staging / "optimizer").mkdir()
             (staging / "rng").mkdir()
         _barrier()
-        model_state = module.sharded_state_dict()
-        dist_checkpointing.save(model_state, str(staging / "weights"))
-        optimizer_state = optimizer.sharded_state_dict(module.sharded_state_dict(), metadata=_OPTIMIZER_METADATA)
-        dist_checkpointing.save(optimizer_state, str(staging / "optimizer"))
+        save_distributed(model_state, staging / "weights")
+        save_distributed(optimizer_state, staging / "optimizer")
         torch.save(_rng_state(), staging / "rng" / f"rank_{_rank():05d}.pt")
         if _rank() == 0:
             save_hf_artifacts(staging / "hf", hf_config, tokenizer)
@@ -117,13 +117,82 @@ def _remove_old_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """The newest complete checkpoint of a run, or None if it has none."""
+    """The newest checkpoint of a run (what ``checkpoints/latest`` names), or None if it has none."""
     latest = Path(run_dir) / "checkpoints" / "latest"
     if not latest.exists():
         return None
-    path = latest.parent / latest.read_text().strip()
-    if not (path / TRAINER_STATE_FILE).exists():
-        raise CheckpointError(f"{latest} names {path.name}, which is missing or incomplete")
+    name = latest.read_text().strip()
+    path = latest.parent / name
+    if not name or not path.is_dir():
+        raise CheckpointError(f"{latest} names {name!r}, which is missing{_earlier_hint(run_dir, None)}")
+    return path
+
+
+def verify_training_checkpoint(path: str | Path) -> dict:
+    """Check a training checkpoint's files before loading; return its trainer state.
+
+    Every damaged part is named: a missing or truncated weight or optimizer shard, a missing
+    ``.metadata``, a ``trainer_state.json`` or RNG file that is missing or cut short.
+    """
+    from nemo_dvpo.checkpointing.distributed_io import verify_distributed_checkpoint
+
+    path = Path(path)
+    label = str(path)
+    if not (path / METADATA_FILE).is_file():
+        raise CheckpointError(f"{label}: {METADATA_FILE} is missing (an unfinished save?)")
+    state_file = path / TRAINER_STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{label}: {TRAINER_STATE_FILE} is missing")
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{label}: {TRAINER_STATE_FILE} is truncated or damaged ({error})") from None
+    if not isinstance(state, dict) or "step" not in state or "scheduler" not in state:
+        raise CheckpointError(f"{label}: {TRAINER_STATE_FILE} lacks the step or the schedule state")
+    verify_distributed_checkpoint(path / "weights", label)
+    verify_distributed_checkpoint(path / "optimizer", label)
+    return state
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoints that pass :func:`verify_training_checkpoint`, oldest first."""
+    complete = []
+    for folder in sorted((Path(run_dir) / "checkpoints").glob("step_*")):
+        try:
+            verify_training_checkpoint(folder)
+        except CheckpointError:
+            continue
+        complete.append(folder)
+    return complete
+
+
+def _earlier_hint(run_dir: str | Path, damaged: Optional[Path]) -> str:
+    earlier = [path for path in complete_checkpoints(run_dir) if damaged is None or path.name < damaged.name]
+    if earlier:
+        return (f". Complete earlier checkpoints: {', '.join(path.name for path in earlier)}; resume from one "
+                f"with resume_from={earlier[-1]}")
+    return ". No complete earlier checkpoint: start over with overwrite=true"
+
+
+def checkpoint_to_resume(run_dir: str | Path, resume: bool, resume_from: Optional[str]) -> Optional[Path]:
+    """The checkpoint a run continues from: ``resume_from``, else with ``resume`` the run's latest.
+
+    It is verified first; a damaged one is refused with the earlier complete checkpoints listed.
+    """
+    if resume_from:
+        path = Path(resume_from)
+        if not path.is_dir():
+            raise CheckpointError(f"resume_from={resume_from} does not exist")
+    elif resume:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            return None
+    else:
+        return None
+    try:
+        verify_training_checkpoint(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"cannot resume: {error}{_earlier_hint(path.parent.parent, path)}") from None
     return path
 
 
@@ -168,27 +237,27 @@ def _restore_adam_step(optimizer) -> None:
 
 def load_training_checkpoint(path: str | Path, model: list[torch.nn.Module], optimizer, scheduler) -> dict:
     """Collective: restore model, optimizer, schedule and RNG; return the trainer state dict."""
-    from megatron.core import dist_checkpointing
-
+    from nemo_dvpo.checkpointing.distributed_io import load_distributed
     from nemo_dvpo.models.builder import unwrap_model
 
     path = Path(path)
-    for required in ("weights", "optimizer", TRAINER_STATE_FILE):
-        if not (path / required).exists():
-            raise CheckpointError(f"training checkpoint {path} is incomplete: {required} is missing")
+    trainer_state = verify_training_checkpoint(path)
     load_sharded_weights(model, path / "weights")
     module = unwrap_model(model[0])
     with torch.no_grad():
         _prime_adam_state(optimizer)
         optimizer_state = optimizer.sharded_state_dict(module.sharded_state_dict(), is_loading=True,
                                                        metadata=_OPTIMIZER_METADATA)
-        optimizer.load_state_dict(dist_checkpointing.load(optimizer_state, str(path / "optimizer")))
+        optimizer.load_state_dict(load_distributed(optimizer_state, path / "optimizer", label=str(path)))
         _restore_adam_step(optimizer)
-    trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
     scheduler.load_state_dict(trainer_state.pop("scheduler"))
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     # A run resumed on more ranks than it was saved from has no stream for the new ranks: its data
     # order is still exact (a function of the step); only their sampling streams start from seeds.
     if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            rng_state = torch.load(rng_file, weights_only=False)
+        except Exception as error:  # a truncated file raises EOFError, RuntimeError, UnpicklingError, ...
+            raise CheckpointError(f"{path}: rng/{rng_file.name} is truncated or damaged ({error})") from None
+        _set_rng_state(rng_state)
     return trainer_state

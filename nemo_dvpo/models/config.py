@@ -142,11 +142,16 @@ class ModelConfig:
         values.update(overrides)
         return cls(**values)
 
+    SHAPE_FIELDS = ("architecture", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                    "num_query_groups", "vocab_size", "tie_word_embeddings")
+
+    def differing_shape_fields(self, other: "ModelConfig") -> list[str]:
+        """The fields that decide the weights' shapes and differ between the two configs."""
+        return [name for name in self.SHAPE_FIELDS if getattr(self, name) != getattr(other, name)]
+
     def shape_mismatches(self, other: "ModelConfig") -> list[str]:
-        names = ("architecture", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                 "num_query_groups", "vocab_size", "tie_word_embeddings")
         return [f"{name}: {getattr(self, name)} vs {getattr(other, name)}"
-                for name in names if getattr(self, name) != getattr(other, name)]
+                for name in self.differing_shape_fields(other)]
 
 
 def _first_token_id(token_id: Any) -> Optional[int]:

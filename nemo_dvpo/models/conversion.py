@@ -11,7 +11,10 @@ import torch
 import torch.distributed as dist
 
 from nemo_dvpo.checkpointing.model_checkpoint import (
+    EXPORT_MARKER_FILE,
     AtomicCheckpointDir,
+    is_our_layout,
+    write_json_atomic,
     load_hf_config_from_checkpoint,
     load_model_checkpoint,
     save_model_checkpoint,
@@ -21,6 +24,7 @@ from nemo_dvpo.models.config import ModelConfig, available_presets, load_model_c
 from nemo_dvpo.models.sources import load_hf_config, load_tokenizer
 from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed
 from nemo_dvpo.utils.errors import NemoDvpoError
+from nemo_dvpo.utils.paths import check_replaceable_dir
 
 _SHARD_BYTES = 2 * 1024**3
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,8 +51,14 @@ def check_tokenizer_matches(tokenizer, vocab_size: int, where: str) -> None:
 
 def convert_hf_to_megatron(hf_path: str, megatron_path: str | Path, parallel: Optional[ParallelConfig] = None,
                            tokenizer_path: Optional[str] = None, name: Optional[str] = None,
-                           precision: str = "fp32") -> Path:
-    """Collective: load an HF folder / hub id / GGUF file and save it as a nemo_dvpo Megatron checkpoint."""
+                           precision: str = "fp32", overwrite: bool = False) -> Path:
+    """Collective: load an HF folder / hub id / GGUF file and save it as a nemo_dvpo Megatron checkpoint.
+
+    An existing non-empty ``megatron_path`` is refused unless ``overwrite``, and even then only a
+    nemo_dvpo checkpoint is replaced.
+    """
+    check_replaceable_dir(megatron_path, overwrite, is_our_layout, what="--megatron-path",
+                          ours_description="a nemo_dvpo checkpoint")
     source = resolve_hf_source(hf_path)
     hf_config = load_hf_config(source)
     model_cfg = ModelConfig.from_hf_config(hf_config, name=name or Path(str(hf_path)).stem,
@@ -90,12 +100,19 @@ def _write_safetensors_shards(tensors: dict[str, torch.Tensor], folder: Path) ->
 
 
 def export_megatron_to_hf(megatron_path: str | Path, hf_path: str | Path,
-                          parallel: Optional[ParallelConfig] = None, dtype: str = "float32") -> Path:
-    """Collective: export a nemo_dvpo Megatron checkpoint to an HF folder (weights, config, tokenizer)."""
+                          parallel: Optional[ParallelConfig] = None, dtype: str = "float32",
+                          overwrite: bool = False) -> Path:
+    """Collective: export a nemo_dvpo Megatron checkpoint to an HF folder (weights, config, tokenizer).
+
+    An existing non-empty ``hf_path`` is refused unless ``overwrite``, and even then only a folder
+    that nemo_dvpo exported is replaced.
+    """
     from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config
 
     if dtype not in _DTYPES:
         raise NemoDvpoError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    check_replaceable_dir(hf_path, overwrite, is_our_layout, what="--hf-path",
+                          ours_description="a Hugging Face folder nemo_dvpo exported")
     model_cfg = read_checkpoint_model_config(megatron_path)
     parallel = parallel or ParallelConfig()
     initialize_distributed(parallel, num_attention_heads=model_cfg.num_attention_heads,
@@ -104,11 +121,12 @@ def export_megatron_to_hf(megatron_path: str | Path, hf_path: str | Path,
     hf_config = load_hf_config_from_checkpoint(megatron_path)
     hf_config.torch_dtype = _DTYPES[dtype]
     return export_model_to_hf(model, hf_config, tokenizer, hf_path, dtype=dtype,
-                              hf_artifacts=Path(megatron_path) / "hf")
+                              hf_artifacts=Path(megatron_path) / "hf", exported_from=str(megatron_path))
 
 
 def export_model_to_hf(model: list[torch.nn.Module], hf_config, tokenizer, hf_path: str | Path,
-                       dtype: str = "float32", hf_artifacts: Optional[Path] = None) -> Path:
+                       dtype: str = "float32", hf_artifacts: Optional[Path] = None,
+                       exported_from: Optional[str] = None) -> Path:
     """Collective: write an in-memory Megatron model as an HF folder that transformers and vLLM load."""
     from nemo_dvpo.checkpointing.model_checkpoint import save_hf_artifacts
 
@@ -132,4 +150,7 @@ def export_model_to_hf(model: list[torch.nn.Module], hf_config, tokenizer, hf_pa
                 hf_config.save_pretrained(staging)
             else:
                 save_hf_artifacts(staging, hf_config, tokenizer)
+            # Marks the folder as ours: a later export may replace it, never a folder a user made.
+            write_json_atomic(staging / EXPORT_MARKER_FILE, {"format_version": 1, "dtype": dtype,
+                                                            "exported_from": exported_from})
     return Path(hf_path)

@@ -97,12 +97,32 @@ def hf_folder_for(source: str) -> ResolvedSource:
     if resolved.kind != "gguf":
         return resolved
     gguf_path = Path(resolved.location) / resolved.gguf_file
+    check_gguf_file(gguf_path)
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
     if not (folder / "config.json").exists():
         _dequantize_gguf(resolved, folder)
     return ResolvedSource(kind="hf_folder", location=str(folder), original=source)
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse a file that is not GGUF, or whose tensor data is cut short, naming it (before transformers does)."""
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise NemoDvpoError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    size = path.stat().st_size
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        end = max((tensor.data_offset + tensor.n_bytes for tensor in reader.tensors), default=0)
+    except Exception as error:  # gguf raises ValueError / IndexError on a cut header or tensor table
+        raise NemoDvpoError(f"{path} is truncated or damaged: its GGUF header does not parse "
+                            f"({type(error).__name__}: {error})") from None
+    if size < end:
+        raise NemoDvpoError(f"{path} is truncated: {size} bytes, its tensors need {end}")
 
 
 def _dequantize_gguf(resolved: ResolvedSource, folder: Path) -> None:

@@ -43,11 +43,8 @@ from nemo_dvpo.checkpointing.model_checkpoint import (
     read_checkpoint_model_config,
     save_model_checkpoint,
 )
-from nemo_dvpo.checkpointing.train_checkpoint import (
-    latest_checkpoint,
-    load_training_checkpoint,
-    save_training_checkpoint,
-)
+from nemo_dvpo.checkpointing.run_dir import check_resumed_model, prepare_run_dir
+from nemo_dvpo.checkpointing.train_checkpoint import load_training_checkpoint, save_training_checkpoint
 from nemo_dvpo.data.prompts import PromptSet, load_prompts
 from nemo_dvpo.inference.generation import SamplingConfig, generate
 from nemo_dvpo.models.builder import build_gpt_model, resolve_hf_config, unwrap_model
@@ -61,6 +58,7 @@ from nemo_dvpo.training.metrics import MetricsLogger, peak_memory_mib, progress_
 from nemo_dvpo.training.offload import move_parameters, offload_enabled, offloaded
 from nemo_dvpo.training.optim import OptimConfig, build_optimizer, ddp_config_for
 from nemo_dvpo.training.step import configure_for_training, train_step
+from nemo_dvpo.training.stopping import GracefulStop, stopped_message
 from nemo_dvpo.utils.distributed import (
     ParallelConfig,
     all_reduce_on_device,
@@ -70,7 +68,7 @@ from nemo_dvpo.utils.distributed import (
     standalone_model_groups,
     validate_parallel_layout,
 )
-from nemo_dvpo.utils.errors import CheckpointError, ConfigError
+from nemo_dvpo.utils.errors import CheckpointError, ConfigError, TrainingStopped
 
 
 @dataclass
@@ -174,6 +172,8 @@ class DVPORecipeConfig:
     model: ModelConfig
     run_dir: str = "runs/dvpo"
     resume: bool = False
+    resume_from: Optional[str] = None
+    overwrite: bool = False
     # A trained GVM checkpoint (kind "gvm"); null trains one first with stage 1 (see ``gvm_training``).
     gvm: Optional[str] = None
     # Stage-1 overrides (conf/gvm.yaml keys) for the GVM trained when ``gvm`` is null.
@@ -234,6 +234,10 @@ def confidence_interval_95(scores: list[float]) -> tuple[float, float]:
     return mean, 1.96 * math.sqrt(variance / count)
 
 
+class _Interrupted(Exception):
+    """A stop signal arrived during an evaluation (raised on every rank at the same batch)."""
+
+
 def freeze(model: list[torch.nn.Module]) -> list[torch.nn.Module]:
     for module in model:
         module.eval()
@@ -249,13 +253,16 @@ def _seed_for(*parts) -> int:
 class DVPORecipe:
     """Wires config -> policy, reference, GVM, prompts, optimizer; ``train()`` runs the numbered loop."""
 
-    def __init__(self, cfg: DVPORecipeConfig, gvm_path: str):
+    def __init__(self, cfg: DVPORecipeConfig, gvm_path: str, stop: Optional[GracefulStop] = None):
         from megatron.core import parallel_state
 
         self.cfg = cfg
+        self.stop = stop or GracefulStop()
         model_cfg = cfg.model
         initialize_distributed(cfg.parallel, num_attention_heads=model_cfg.num_attention_heads,
                                num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
+        checkpoint = prepare_run_dir(cfg.run_dir, resume=cfg.resume, overwrite=cfg.overwrite,
+                                     resume_from=cfg.resume_from)
         self.gvm_groups = self._gvm_process_groups(gvm_path)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -300,6 +307,8 @@ class DVPORecipe:
             model_cfg = dataclasses.replace(read_checkpoint_model_config(cfg.init_from),
                                             precision=cfg.model.precision)
         self.policy_cfg = model_cfg
+        if checkpoint is not None:
+            check_resumed_model(checkpoint, model_cfg)
         self.policy = build_gpt_model(model_cfg, wrap_with_ddp=True, ddp_config=ddp_config_for(cfg.optim),
                                       seq_length=seq_length, **build_kwargs)
         # The reference is the starting policy: a copy of its weights, not a second load (random-init
@@ -324,7 +333,7 @@ class DVPORecipe:
 
         self.start_step = 0
         self.eval_before: Optional[dict] = None
-        checkpoint = latest_checkpoint(cfg.run_dir) if cfg.resume else None
+        self.resumed_from = checkpoint
         if cfg.resume and checkpoint is None:
             print_rank_zero(f"[dvpo] resume=true but {cfg.run_dir} has no checkpoint yet: starting fresh")
         if checkpoint is not None:
@@ -565,7 +574,10 @@ class DVPORecipe:
     # -- evaluation --------------------------------------------------------------------------------------
 
     def evaluate_verifiable(self) -> Optional[dict]:
-        """Greedy answers to the held-out prompts, scored with the IFEval checkers (strict)."""
+        """Greedy answers to the held-out prompts, scored with the IFEval checkers (strict).
+
+        Raises :class:`_Interrupted` when a stop signal arrives (checked between batches on every rank).
+        """
         if self.eval_prompts is None:
             return None
         from nemo_dvpo.data.verifiable import score_response
@@ -575,11 +587,16 @@ class DVPORecipe:
         mine = list(range(self.dp_rank, len(prompts), self.dp_size))
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, greedy=True)
         scores: dict[int, float] = {}
-        for start in range(0, len(mine), cfg.batch_size):
+        # The same number of batches on every rank (the last may be empty), so the stop check lines up.
+        per_rank = math.ceil(len(prompts) / self.dp_size)
+        for start in range(0, per_rank, cfg.batch_size):
             batch = mine[start:start + cfg.batch_size]
-            output = generate(self.policy, self.tokenizer, [prompts.token_ids[i] for i in batch], sampling)
-            for index, text in zip(batch, output.response_texts):
-                scores[index] = score_response(prompts.records[index], text)
+            if batch:
+                output = generate(self.policy, self.tokenizer, [prompts.token_ids[i] for i in batch], sampling)
+                for index, text in zip(batch, output.response_texts):
+                    scores[index] = score_response(prompts.records[index], text)
+            if self.stop.should_stop():
+                raise _Interrupted()
         if self.dp_group is not None:
             gathered: list = [None] * self.dp_size
             dist.all_gather_object(gathered, scores, group=self.dp_group)
@@ -593,47 +610,66 @@ class DVPORecipe:
     # -- the loop ---------------------------------------------------------------------------------------
 
     def train(self) -> dict:
+        with self.stop:
+            return self._train()
+
+    def _stopped(self, completed: int, checkpoint) -> TrainingStopped:
+        return TrainingStopped(stopped_message("dvpo", self.stop.signal_name, completed, self.cfg.train.steps,
+                                               checkpoint))
+
+    def _train(self) -> dict:
         cfg = self.cfg
         if self.eval_before is None and cfg.eval.before:
             started = time.perf_counter()
-            self.eval_before = self.evaluate_verifiable()
+            try:
+                self.eval_before = self.evaluate_verifiable()
+            except _Interrupted:
+                raise self._stopped(self.start_step, self.resumed_from) from None
             if self.eval_before:
                 print_rank_zero(f"[dvpo] held-out verifiable score before training: {self.eval_before['mean']:.4f} "
                                 f"+- {self.eval_before['ci95']:.4f} over {self.eval_before['num_prompts']} prompts "
                                 f"({time.perf_counter() - started:.0f} s)")
         step_times: list[float] = []
         last_metrics: dict[str, float] = {}
-        bar = progress_bar(cfg.train.steps, initial=self.start_step, description="dvpo")
-        for step in range(self.start_step, cfg.train.steps):
-            started = time.perf_counter()
-            timings: dict[str, float] = {}
-            metrics: dict[str, float] = {}
-            rollout = self.make_rollout(step, timings, metrics)                       # steps 1-4
-            update_started = time.perf_counter()
-            metrics.update(self.update_policy(step, rollout))                           # step 5
-            timings["update"] = time.perf_counter() - update_started
-            sequences = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
-            self.kl_controller.update(metrics["rollout/kl"], n_steps=sequences)          # step 6
-            elapsed = time.perf_counter() - started
-            step_times.append(elapsed)
-            generated = float(rollout.response_mask.sum()) * self.dp_size
-            metrics.update({f"time/{phase}_s": seconds for phase, seconds in timings.items()})
-            metrics.update({"time/step_s": elapsed, "perf/generated_tokens_per_s": generated / timings["generation"],
-                            "perf/peak_memory_mib": peak_memory_mib()})
-            completed = step + 1
-            self.logger.log(completed, metrics)
-            last_metrics = metrics
-            bar.update(1)
-            bar.set_postfix(gvm=f"{metrics['rollout/gvm_value_mean']:+.3f}", kl=f"{metrics['rollout/kl']:.3f}",
-                            clip=f"{metrics['train/clip_fraction']:.2f}", s=f"{elapsed:.1f}")
-            if completed % cfg.train.save_every == 0 and completed < cfg.train.steps:
-                self.save_training(completed)
-        bar.close()
-        eval_after = self.evaluate_verifiable() if cfg.eval.after else None
+        with progress_bar(cfg.train.steps, initial=self.start_step, description="dvpo") as bar:
+            for step in range(self.start_step, cfg.train.steps):
+                started = time.perf_counter()
+                timings: dict[str, float] = {}
+                metrics: dict[str, float] = {}
+                rollout = self.make_rollout(step, timings, metrics)                       # steps 1-4
+                update_started = time.perf_counter()
+                metrics.update(self.update_policy(step, rollout))                           # step 5
+                timings["update"] = time.perf_counter() - update_started
+                sequences = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+                self.kl_controller.update(metrics["rollout/kl"], n_steps=sequences)          # step 6
+                elapsed = time.perf_counter() - started
+                step_times.append(elapsed)
+                generated = float(rollout.response_mask.sum()) * self.dp_size
+                metrics.update({f"time/{phase}_s": seconds for phase, seconds in timings.items()})
+                metrics.update({"time/step_s": elapsed,
+                                "perf/generated_tokens_per_s": generated / timings["generation"],
+                                "perf/peak_memory_mib": peak_memory_mib()})
+                completed = step + 1
+                self.logger.log(completed, metrics)
+                last_metrics = metrics
+                bar.update(1)
+                bar.set_postfix(gvm=f"{metrics['rollout/gvm_value_mean']:+.3f}", kl=f"{metrics['rollout/kl']:.3f}",
+                                clip=f"{metrics['train/clip_fraction']:.2f}", s=f"{elapsed:.1f}")
+                checkpoint = None
+                if completed % cfg.train.save_every == 0 and completed < cfg.train.steps:
+                    checkpoint = self.save_training(completed)
+                # Every rank asks at the same point, so one rank's signal stops all of them after this step.
+                if completed < cfg.train.steps and self.stop.should_stop():
+                    raise self._stopped(completed, checkpoint or self.save_training(completed))
+        try:
+            eval_after = self.evaluate_verifiable() if cfg.eval.after else None
+        except _Interrupted:
+            # Training is done: a checkpoint at the last step lets resume=true run only the evaluation.
+            raise self._stopped(cfg.train.steps, self.save_training(cfg.train.steps)) from None
         return self.finish(eval_after, step_times, last_metrics)
 
-    def save_training(self, step: int) -> None:
-        save_training_checkpoint(self.cfg.run_dir, step, self.policy, self.optimizer, self.scheduler,
+    def save_training(self, step: int) -> Path:
+        return save_training_checkpoint(self.cfg.run_dir, step, self.policy, self.optimizer, self.scheduler,
                                  self.policy_cfg, self.hf_config, self.tokenizer, kind="policy",
                                  trainer_state={"kl_controller": self.kl_controller.state_dict(),
                                                 "eval_before": self.eval_before},
@@ -706,11 +742,12 @@ def gvm_stage_config(cfg, dvpo_cfg: DVPORecipeConfig):
     base.parallel = cfg.parallel
     base.run_dir = str(Path(dvpo_cfg.run_dir) / "gvm")
     base.resume = dvpo_cfg.resume
+    base.overwrite = dvpo_cfg.overwrite
     merged = OmegaConf.merge(base, OmegaConf.create(dvpo_cfg.gvm_training))
     return parse_gvm_config(merged)
 
 
-def train_gvm_first(cfg, dvpo_cfg: DVPORecipeConfig) -> str:
+def train_gvm_first(cfg, dvpo_cfg: DVPORecipeConfig, stop: Optional[GracefulStop] = None) -> str:
     """Stage 1 when no GVM is configured: train one into ``run_dir/gvm`` (or reuse a finished one)."""
     import gc
 
@@ -718,12 +755,12 @@ def train_gvm_first(cfg, dvpo_cfg: DVPORecipeConfig) -> str:
 
     gvm_cfg = gvm_stage_config(cfg, dvpo_cfg)
     final = Path(gvm_cfg.run_dir) / "final"
-    if (final / "nemo_dvpo_checkpoint.json").exists():
+    if (final / "nemo_dvpo_checkpoint.json").exists() and not dvpo_cfg.overwrite:
         print_rank_zero(f"[dvpo] gvm=null: using the GVM already trained by this run at {final}")
         return str(final)
     print_rank_zero(f"[dvpo] gvm=null: no GVM configured, so stage 1 trains one first into {gvm_cfg.run_dir} "
                     f"({gvm_cfg.train.steps} steps on {gvm_cfg.data.train}); pass gvm=PATH to reuse a GVM")
-    recipe = GVMRecipe(gvm_cfg)
+    recipe = GVMRecipe(gvm_cfg, stop=stop)
     recipe.train()
     recipe.logger.close()
     del recipe

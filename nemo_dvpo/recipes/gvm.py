@@ -16,6 +16,7 @@ At the end the GVM is saved with the value statistics of its training data, read
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_dvpo.algorithms.gvm import gvm_loss, lambda_returns, terminal_rewards
-from nemo_dvpo.checkpointing.model_checkpoint import save_model_checkpoint
-from nemo_dvpo.checkpointing.train_checkpoint import (
-    latest_checkpoint,
-    load_training_checkpoint,
-    save_training_checkpoint,
-)
+from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config, save_model_checkpoint
+from nemo_dvpo.checkpointing.run_dir import check_resumed_model, prepare_run_dir
+from nemo_dvpo.checkpointing.train_checkpoint import load_training_checkpoint, save_training_checkpoint
 from nemo_dvpo.data.preference import (
     PreferenceDataConfig,
     ValueBatch,
@@ -47,6 +45,7 @@ from nemo_dvpo.models.value_model import build_value_model, token_values
 from nemo_dvpo.training.metrics import MetricsLogger, peak_memory_mib, progress_bar
 from nemo_dvpo.training.optim import OptimConfig, build_optimizer, ddp_config_for
 from nemo_dvpo.training.step import configure_for_training, train_step
+from nemo_dvpo.training.stopping import GracefulStop, stopped_message
 from nemo_dvpo.utils.config import from_dict
 from nemo_dvpo.utils.distributed import (
     ParallelConfig,
@@ -55,7 +54,7 @@ from nemo_dvpo.utils.distributed import (
     initialize_distributed,
     print_rank_zero,
 )
-from nemo_dvpo.utils.errors import ConfigError
+from nemo_dvpo.utils.errors import ConfigError, TrainingStopped
 
 
 @dataclass
@@ -96,7 +95,12 @@ class DataSplits:
 class GVMRecipeConfig:
     model: ModelConfig
     run_dir: str = "runs/gvm"
+    # Continue from run_dir/checkpoints/latest (same data order, optimizer and schedule state).
     resume: bool = False
+    # Continue from this checkpoint of the run instead of the latest (e.g. when the latest is damaged).
+    resume_from: Optional[str] = None
+    # Start over in a run_dir that already holds a run, removing that run's own files (nothing else).
+    overwrite: bool = False
     # A nemo_dvpo checkpoint for the trunk (e.g. an SFT policy); null takes model.source.
     init_from: Optional[str] = None
     data: DataSplits = field(default_factory=DataSplits)
@@ -115,10 +119,11 @@ def parse_config(cfg: DictConfig) -> GVMRecipeConfig:
 class GVMRecipe:
     """Wires config -> model, data, optimizer; ``train()`` is the numbered loop of the docstring."""
 
-    def __init__(self, cfg: GVMRecipeConfig):
+    def __init__(self, cfg: GVMRecipeConfig, stop: Optional[GracefulStop] = None):
         from megatron.core import parallel_state
 
         self.cfg = cfg
+        self.stop = stop or GracefulStop()
         model_cfg = cfg.model
         if model_cfg.precision != "fp32":
             # The fp32 value head makes the model mixed-dtype, and megatron-core 0.16.1's optimizers
@@ -130,6 +135,14 @@ class GVMRecipe:
                 "(megatron-core 0.16.1 cannot checkpoint a bf16 trunk with an fp32 value head)")
         initialize_distributed(cfg.parallel, num_attention_heads=model_cfg.num_attention_heads,
                                num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
+        if cfg.init_from is not None:
+            # The trunk's shape is the checkpoint's; the config chooses the precision.
+            model_cfg = dataclasses.replace(read_checkpoint_model_config(cfg.init_from), precision=model_cfg.precision)
+        self.model_cfg = model_cfg
+        checkpoint = prepare_run_dir(cfg.run_dir, resume=cfg.resume, overwrite=cfg.overwrite,
+                                     resume_from=cfg.resume_from)
+        if checkpoint is not None:
+            check_resumed_model(checkpoint, model_cfg)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         train = cfg.train
@@ -165,7 +178,6 @@ class GVMRecipe:
 
         self.start_step = 0
         self.last_accuracy: Optional[dict[str, float]] = None
-        checkpoint = latest_checkpoint(cfg.run_dir) if cfg.resume else None
         if cfg.resume and checkpoint is None:
             print_rank_zero(f"[gvm] resume=true but {cfg.run_dir} has no checkpoint yet: starting fresh")
         if checkpoint is not None:
@@ -254,39 +266,47 @@ class GVMRecipe:
     # -- loop -------------------------------------------------------------------------------------
 
     def train(self) -> None:
+        with self.stop:
+            self._train()
+
+    def _train(self) -> None:
         train = self.cfg.train
-        bar = progress_bar(train.steps, initial=self.start_step, description="gvm")
         shown_accuracy = float("nan")
-        for step in range(self.start_step, train.steps):
-            started = time.perf_counter()
-            # step 1. the step's batch
-            micro_batches = self.micro_batches(self.step_samples(step))
-            seq_length = micro_batches[0][0].tokens.shape[1]
-            # step 2. TD(lambda) targets (a separate no-grad pass only when the batch is reused)
-            if train.passes_per_batch > 1:
-                micro_batches = self.with_fixed_targets(micro_batches)
-            # step 3. optimizer step(s)
-            for _ in range(train.passes_per_batch):
-                metrics = train_step(self.model, self.optimizer, self.scheduler, micro_batches, self.forward_step,
-                                     seq_length=seq_length, micro_batch_size=train.micro_batch_size)
-            elapsed = time.perf_counter() - started
-            tokens = sum(int(batch.tokens.numel()) for batch, _ in micro_batches) * self.dp_size
-            metrics.update({"tokens_per_s": tokens * train.passes_per_batch / elapsed, "step_time_s": elapsed,
-                            "peak_memory_mib": peak_memory_mib()})
-            completed = step + 1
-            # step 4. evaluation, logging, checkpoints
-            if self.eval_pairs and (completed % train.eval_every == 0 or completed == train.steps):
-                self.last_accuracy = self.evaluate()
-                metrics.update({f"eval/accuracy_{name}": value for name, value in self.last_accuracy.items()})
-                shown_accuracy = metrics["eval/accuracy_mean"]
-            self.logger.log(completed, {name if "/" in name else f"train/{name}": value
-                                        for name, value in metrics.items()})
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", held_out_acc=f"{shown_accuracy:.3f}",
-                            tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if completed % train.save_every == 0 and completed < train.steps:
-                self.save_training(completed)
-        bar.close()
+        with progress_bar(train.steps, initial=self.start_step, description="gvm") as bar:
+            for step in range(self.start_step, train.steps):
+                started = time.perf_counter()
+                # step 1. the step's batch
+                micro_batches = self.micro_batches(self.step_samples(step))
+                seq_length = micro_batches[0][0].tokens.shape[1]
+                # step 2. TD(lambda) targets (a separate no-grad pass only when the batch is reused)
+                if train.passes_per_batch > 1:
+                    micro_batches = self.with_fixed_targets(micro_batches)
+                # step 3. optimizer step(s)
+                for _ in range(train.passes_per_batch):
+                    metrics = train_step(self.model, self.optimizer, self.scheduler, micro_batches, self.forward_step,
+                                         seq_length=seq_length, micro_batch_size=train.micro_batch_size)
+                elapsed = time.perf_counter() - started
+                tokens = sum(int(batch.tokens.numel()) for batch, _ in micro_batches) * self.dp_size
+                metrics.update({"tokens_per_s": tokens * train.passes_per_batch / elapsed, "step_time_s": elapsed,
+                                "peak_memory_mib": peak_memory_mib()})
+                completed = step + 1
+                # step 4. evaluation, logging, checkpoints
+                if self.eval_pairs and (completed % train.eval_every == 0 or completed == train.steps):
+                    self.last_accuracy = self.evaluate()
+                    metrics.update({f"eval/accuracy_{name}": value for name, value in self.last_accuracy.items()})
+                    shown_accuracy = metrics["eval/accuracy_mean"]
+                self.logger.log(completed, {name if "/" in name else f"train/{name}": value
+                                            for name, value in metrics.items()})
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", held_out_acc=f"{shown_accuracy:.3f}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                checkpoint = None
+                if completed % train.save_every == 0 and completed < train.steps:
+                    checkpoint = self.save_training(completed)
+                # Every rank asks at the same point, so one rank's signal stops all of them after this step.
+                if completed < train.steps and self.stop.should_stop():
+                    raise TrainingStopped(stopped_message("gvm", self.stop.signal_name, completed, train.steps,
+                                                          checkpoint or self.save_training(completed)))
         if self.last_accuracy is None and self.eval_pairs:
             self.last_accuracy = self.evaluate()
         self.save_final(self.last_accuracy)
@@ -300,10 +320,10 @@ class GVMRecipe:
         accuracy, _, _ = evaluate_pairs(self.model, batch(chosen), batch(rejected))
         return accuracy
 
-    def save_training(self, step: int) -> None:
-        save_training_checkpoint(self.cfg.run_dir, step, self.model, self.optimizer, self.scheduler, self.cfg.model,
-                                 self.hf_config, self.tokenizer, kind="gvm", trainer_state={},
-                                 metadata={"gvm": self._gvm_metadata()}, keep_last=self.cfg.train.keep_last)
+    def save_training(self, step: int) -> Path:
+        return save_training_checkpoint(self.cfg.run_dir, step, self.model, self.optimizer, self.scheduler,
+                                        self.model_cfg, self.hf_config, self.tokenizer, kind="gvm", trainer_state={},
+                                        metadata={"gvm": self._gvm_metadata()}, keep_last=self.cfg.train.keep_last)
 
     def _gvm_metadata(self, value_stats: Optional[dict] = None) -> dict:
         train = self.cfg.train
@@ -321,7 +341,7 @@ class GVMRecipe:
             masks.append(torch.ones_like(values[-1], dtype=torch.bool))
         stats = value_statistics(torch.cat(values), torch.cat(masks))
         final = Path(self.cfg.run_dir) / "final"
-        save_model_checkpoint(self.model, final, self.cfg.model, self.hf_config, self.tokenizer, kind="gvm",
+        save_model_checkpoint(self.model, final, self.model_cfg, self.hf_config, self.tokenizer, kind="gvm",
                               extra={"gvm": {**self._gvm_metadata(stats), "eval_accuracy": eval_accuracy},
                                      "step": self.cfg.train.steps})
         print_rank_zero(f"[gvm] saved {final} (value mean {stats['mean']:+.4f}, std {stats['std']:.4f})")

@@ -15,7 +15,9 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +109,30 @@ def detect_launch(environ: dict[str, str] | None = None) -> LaunchInfo:
                       master_port=int(env.get("MASTER_PORT") or _free_port()), launcher="single")
 
 
+def install_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent dies (``PR_SET_PDEATHSIG``).
+
+    Under torchrun the ranks are children of the launcher; if the launcher is killed outright
+    (SIGKILL, OOM killer), they would otherwise run on as orphans. With SIGTERM they stop at the next
+    step with a checkpoint. Returns whether it was installed (Linux only).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    # The parent may already have died between our start and the call above.
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signum)
+    return True
+
+
 def validate_parallel_layout(world_size: int, parallel: ParallelConfig,
                              num_attention_heads: int | None = None,
                              num_query_groups: int | None = None,
@@ -146,6 +172,9 @@ def initialize_distributed(parallel: ParallelConfig, **model_shape: int | None) 
     quiet_megatron_logging()
     launch = detect_launch()
     validate_parallel_layout(launch.world_size, parallel, **model_shape)
+    if launch.launcher == "torchrun":
+        # Ranks must not outlive a launcher that was killed outright: they stop with a checkpoint instead.
+        install_parent_death_signal()
 
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -1,12 +1,30 @@
-"""User-facing errors: a clear message naming what was wrong, without a traceback wall."""
+"""User-facing errors and exit statuses: a clear message naming what was wrong, without a traceback wall.
+
+Exit statuses of every entry point (``examples/``, ``tools/``):
+
+==== ==========================================================================================
+0    finished
+2    the input was wrong (a path, a config field, a data record, a damaged checkpoint): one line
+     on stderr says what and where
+75   stopped early by SIGTERM, SIGINT or SIGUSR1 after saving a checkpoint; ``resume=true``
+     continues exactly (75 is sysexits' EX_TEMPFAIL: "try again later" - a requeue, for Slurm)
+128+N killed by a second signal N before the stop finished (no new checkpoint)
+==== ==========================================================================================
+"""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
+import time
 from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
+
+EXIT_USER_ERROR = 2
+EXIT_STOPPED = 75
 
 
 class NemoDvpoError(Exception):
@@ -21,15 +39,51 @@ class CheckpointError(NemoDvpoError):
     """A checkpoint is missing, incomplete or does not match the requested model."""
 
 
+class TrainingStopped(Exception):
+    """A run stopped early on a signal after saving a checkpoint; the message says how to resume."""
+
+
+def _rank() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def report_failure(message: str) -> None:
+    """Print ``message`` once per job rather than once per rank.
+
+    Rank 0 prints it. Every rank also leaves it in torchelastic's error file where torchrun asked for
+    one (``TORCHELASTIC_ERROR_FILE``), so the launcher's failure report names the cause even when
+    only another rank failed.
+    """
+    if _rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as handle:
+                json.dump({"message": message, "timestamp": int(time.time())}, handle)
+        except OSError:
+            pass
+
+
 def exit_on_user_error(main: F) -> F:
-    """Wrap an entry point so that user errors print one line and exit with status 2."""
+    """Wrap an entry point: user errors print one line and exit 2; a signal-stopped run exits 75."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except NemoDvpoError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+            report_failure(f"error: {error}")
+            sys.exit(EXIT_USER_ERROR)
+        except TrainingStopped as stopped:
+            report_failure(str(stopped))
+            sys.exit(EXIT_STOPPED)
 
     return wrapper  # type: ignore[return-value]
