@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nemo_dvpo.recipes.dvpo import confidence_interval_95  # noqa: E402
+from nemo_dvpo.evaluation.verifiable import confidence_interval_95  # noqa: E402
 
 
 def load_evaluation(spec: str) -> dict:

@@ -6,16 +6,21 @@
     torchrun --nproc-per-node 8 examples/train_dvpo.py model=llama3_8b model.source=/models/llama3-8b-sft \
         gvm=/runs/gvm-8b/final parallel.tensor_model_parallel_size=4 rollout.sampling.max_new_tokens=1024
 
-The recipe (the loop, step by step) is nemo_dvpo/recipes/dvpo.py; settings are conf/dvpo.yaml.
+The recipe (the loop, step by step) is nemo_dvpo/recipes/dvpo.py; settings and defaults are its dataclasses;
+conf/dvpo.yaml overrides them for the embedded default.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from nemo_dvpo.recipes.dvpo import DVPORecipe, format_summary, parse_config, train_gvm_first
+from nemo_dvpo.recipes.dvpo import DVPORecipe, DVPORecipeConfig, format_summary, parse_config, train_gvm_first
 from nemo_dvpo.training.stopping import GracefulStop
+from nemo_dvpo.utils.config import register_defaults
 from nemo_dvpo.utils.distributed import destroy_distributed, print_rank_zero
 from nemo_dvpo.utils.errors import exit_on_user_error
+
+# conf/dvpo.yaml composes these defaults (one source: the dataclasses) with its overrides.
+register_defaults("dvpo_defaults", DVPORecipeConfig)
 
 
 @hydra.main(config_path="../conf", config_name="dvpo", version_base=None)

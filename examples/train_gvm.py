@@ -5,15 +5,20 @@
     torchrun --nproc-per-node 8 examples/train_gvm.py model=llama3_8b model.source=/models/Meta-Llama-3-8B \
         data.train=/data/uf_value.jsonl data.eval=/data/uf_test.jsonl parallel.tensor_model_parallel_size=4
 
-The recipe (the training loop, step by step) is nemo_dvpo/recipes/gvm.py; settings are conf/gvm.yaml.
+The recipe (the training loop, step by step) is nemo_dvpo/recipes/gvm.py; settings and defaults are its dataclasses
+(conf/gvm.yaml).
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from nemo_dvpo.recipes.gvm import GVMRecipe, parse_config
+from nemo_dvpo.recipes.gvm import GVMRecipe, GVMRecipeConfig, parse_config
 from nemo_dvpo.training.stopping import GracefulStop
+from nemo_dvpo.utils.config import register_defaults
 from nemo_dvpo.utils.errors import exit_on_user_error
+
+# conf/gvm.yaml composes these defaults (one source: the dataclasses) with its overrides.
+register_defaults("gvm_defaults", GVMRecipeConfig)
 
 
 @hydra.main(config_path="../conf", config_name="gvm", version_base=None)

@@ -454,10 +454,6 @@ def test_config_errors_name_the_field():
         from_dict(PreferenceDataConfig, {"trajectory_context": 2, "chat_template": False}, "data")
     with pytest.raises(ConfigError, match="data: unknown field\\(s\\) path"):
         from_dict(PreferenceDataConfig, {"path": "x.jsonl"}, "data")
-    from omegaconf import OmegaConf
-
-    shipped = from_dict(PreferenceDataConfig, OmegaConf.load(REPO_ROOT / "conf" / "data" / "preference.yaml"), "data")
-    assert shipped == PreferenceDataConfig()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ would not finish in time.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import os
@@ -60,12 +59,13 @@ import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from nemo_dvpo.utils.errors import ConfigError, exit_on_user_error  # noqa: E402
+from nemo_dvpo.utils.seeding import derive_seed  # noqa: E402
 
 DEFAULT_TEMPLATES = REPO_ROOT / "data" / "base_task_templates.json"
 SPLITS = ("train", "heldout")
@@ -246,10 +246,6 @@ def shakespeare_tasks(min_words: int = 12, max_words: int = 45, max_lines: int =
     return tasks
 
 
-def _derived_seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()[:8], "little")
-
-
 def draw_base_tasks(families: Mapping[str, Sequence[BaseTask]], weights: Mapping[str, float], count: int,
                     seed: int, index: Optional[EvalIndex] = None) -> tuple[list[BaseTask], Counter]:
     """``count`` distinct base tasks, each family drawn by weight in a seeded order; overlaps dropped.
@@ -257,7 +253,7 @@ def draw_base_tasks(families: Mapping[str, Sequence[BaseTask]], weights: Mapping
     Returns the tasks and a count of the dropped ones by reason. A family that runs out leaves the
     draw to the others.
     """
-    rng = random.Random(_derived_seed(seed, "base-tasks"))
+    rng = random.Random(derive_seed(seed, "base-tasks"))
     queues = {name: rng.sample(list(tasks), len(tasks)) for name, tasks in sorted(families.items()) if tasks}
     seen: set[str] = set()
     dropped: Counter = Counter()
@@ -303,7 +299,7 @@ def build_pool(tasks: Sequence[BaseTask], seed: int, heldout_fraction: float, ma
     dropped: Counter = Counter()
     for position, task in enumerate(tasks):
         prompt_id = f"p{position:05d}"
-        record = make_prompt_record(prompt_id, task.text, seed=_derived_seed(seed, "instructions", prompt_id),
+        record = make_prompt_record(prompt_id, task.text, seed=derive_seed(seed, "instructions", prompt_id),
                                     max_words=max_words)
         reason = index.match(record["prompt"], use_ngrams=False) if index is not None else None
         if reason:
@@ -706,7 +702,7 @@ def main(argv=None) -> None:
         batch = [r for r in batch if r["prompt_id"] not in scored]  # a batch interrupted between files
         batch_started = time.time()
         rows = [token_ids[r["prompt_id"]] for r in batch for _ in range(args.samples_per_prompt)]
-        output = generator.sample(rows, seed=_derived_seed(args.seed, "batch", batch[0]["prompt_id"]) % 2**63)
+        output = generator.sample(rows, seed=derive_seed(args.seed, "batch", batch[0]["prompt_id"]) % 2**63)
         records = score_batch(batch, args.samples_per_prompt, output, generator.eos_token_ids)
         for split in SPLITS:
             append_jsonl(scored_path(output_dir, split), [r for r in records if r["split"] == split])

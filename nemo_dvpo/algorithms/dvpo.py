@@ -148,12 +148,23 @@ class PPOLossStats(NamedTuple):
     ratio_mean: torch.Tensor
 
 
+def token_average(x: torch.Tensor, mask: torch.Tensor, token_count: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``E_t[x_t]`` over masked tokens: their mean, or with ``token_count`` their sum over that count.
+
+    A loss computed on one micro-batch of a larger batch passes the batch's token count (over all
+    micro-batches and data-parallel ranks): the micro-batch losses then add up to the exact token mean.
+    """
+    return masked_mean(x, mask) if token_count is None else masked_sum(x, mask) / token_count
+
+
 def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                  response_mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, PPOLossStats]:
+                  response_mask: torch.Tensor, clip: float = 0.2,
+                  token_count: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, PPOLossStats]:
     """``E_t[max(-A_t rho_t, -A_t clip(rho_t, 1-clip, 1+clip))]`` over response tokens, and statistics.
 
     ``clip_fraction`` is the share of tokens where the clipped branch is taken; ``approx_kl`` is
-    KL(pi_old || pi_theta) estimated by k3 on the sampled tokens (0 before the first update).
+    KL(pi_old || pi_theta) estimated by k3 on the sampled tokens (0 before the first update). The
+    statistics are means over this call's tokens; the loss is :func:`token_average`.
     """
     if clip <= 0:
         raise ValueError(f"clip must be > 0, got {clip}")
@@ -163,7 +174,7 @@ def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
     advantages = advantages.float().detach()
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = token_average(torch.maximum(unclipped, clipped), mask, token_count)
     with torch.no_grad():
         stats = PPOLossStats(
             clip_fraction=masked_mean((clipped > unclipped).float(), mask),
@@ -175,6 +186,7 @@ def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
 
 class PolicyLoss(NamedTuple):
     loss: torch.Tensor
+    # For the logs: means over this call's tokens (detached).
     pg_loss: torch.Tensor
     kl_loss: torch.Tensor
     entropy: torch.Tensor
@@ -184,20 +196,26 @@ class PolicyLoss(NamedTuple):
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                 advantages: torch.Tensor, response_mask: torch.Tensor, clip: float = 0.2,
                 kl_loss_coef: float = 0.0, entropy: Optional[torch.Tensor] = None,
-                entropy_coef: float = 0.0) -> PolicyLoss:
-    """``L_clip + beta * E_t[k3_t] - c_H * E_t[H_t]`` (the last two only when their coefficients are > 0)."""
-    pg_loss, stats = ppo_clip_loss(logprobs, old_logprobs, advantages, response_mask, clip)
+                entropy_coef: float = 0.0, token_count: Optional[torch.Tensor] = None) -> PolicyLoss:
+    """``L_clip + beta * E_t[k3_t] - c_H * E_t[H_t]`` (the last two only when their coefficients are > 0).
+
+    ``E_t`` is :func:`token_average` (a mean, or a sum over ``token_count``); the logged parts are means.
+    """
+    pg_loss, stats = ppo_clip_loss(logprobs, old_logprobs, advantages, response_mask, clip, token_count)
     mask = response_mask.bool()
-    kl_loss = masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
-    mean_entropy = masked_mean(entropy, mask) if entropy is not None else torch.zeros(())
+    kl = kl_estimate(logprobs, ref_logprobs, "k3")
     loss = pg_loss
     if kl_loss_coef > 0:
-        loss = loss + kl_loss_coef * kl_loss
+        loss = loss + kl_loss_coef * token_average(kl, mask, token_count)
     if entropy_coef > 0:
         if entropy is None:
             raise ValueError("entropy_coef > 0 needs the per-token entropy")
-        loss = loss - entropy_coef * mean_entropy
-    return PolicyLoss(loss, pg_loss.detach(), kl_loss.detach(), mean_entropy.detach(), stats)
+        loss = loss - entropy_coef * token_average(entropy, mask, token_count)
+    with torch.no_grad():
+        pg_mean = pg_loss if token_count is None else ppo_clip_loss(logprobs, old_logprobs, advantages,
+                                                                    response_mask, clip)[0]
+        mean_entropy = masked_mean(entropy, mask) if entropy is not None else torch.zeros(())
+        return PolicyLoss(loss, pg_mean.detach(), masked_mean(kl, mask).detach(), mean_entropy.detach(), stats)
 
 
 # -- KL coefficient controllers ------------------------------------------------------------------

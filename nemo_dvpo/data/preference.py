@@ -81,7 +81,7 @@ _MESSAGES = "a string or a list of {role, content} messages"
 
 @dataclass
 class PreferenceDataConfig:
-    """How preference data becomes GVM training sequences (YAML: ``conf/data/preference.yaml``).
+    """How preference data becomes GVM training sequences (``data.processing`` of the GVM recipe).
 
     The data's path (a .jsonl/.json/.parquet file, a save_to_disk folder, a folder of data files per
     split, or a hub id) is passed to the load functions beside this config.

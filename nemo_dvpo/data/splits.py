@@ -64,3 +64,28 @@ def epoch_order(groups: Sequence[Sequence[int]], epoch: int, seed: int) -> list[
     # random.Random seeded with a str hashes it with SHA-512: identical on every platform and run.
     random.Random(f"nemo_dvpo.epoch_order:{seed}:{epoch}").shuffle(permutation)
     return [index for group in permutation for index in groups[group]]
+
+
+class EpochStream:
+    """An endless stream of epochs over ``groups`` of item indices, each epoch in :func:`epoch_order`.
+
+    ``positions(start, stop)`` are the items at stream positions ``[start, stop)``: a trainer that takes
+    ``[step * B, (step + 1) * B)`` at each step sees the same data after a restart, since the position is
+    a function of the step alone. The current epoch's order is cached (steps walk through it in order).
+    """
+
+    def __init__(self, groups: Sequence[Sequence[int]], seed: int):
+        self.groups = groups
+        self.seed = seed
+        self.size = sum(len(group) for group in groups)
+        if self.size == 0:
+            raise ValueError("an epoch stream needs at least one item")
+        self._cached: tuple[int, list[int]] = (-1, [])
+
+    def order(self, epoch: int) -> list[int]:
+        if self._cached[0] != epoch:
+            self._cached = (epoch, epoch_order(self.groups, epoch, self.seed))
+        return self._cached[1]
+
+    def positions(self, start: int, stop: int) -> list[int]:
+        return [self.order(position // self.size)[position % self.size] for position in range(start, stop)]

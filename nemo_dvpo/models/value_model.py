@@ -126,3 +126,92 @@ def token_values(model: list[torch.nn.Module], tokens: torch.Tensor,
     if pg_collection is not None:
         return forward_standalone(model, tokens, to_values, pg_collection.tp, micro_batch_size=micro_batch_size)
     return forward_only(model, tokens, to_values, tuple(tokens.shape), micro_batch_size=micro_batch_size)
+
+
+def canonical_length(length: int, bucket: int, limit: int) -> int:
+    """The padded length a sequence of ``length`` tokens is always scored at: the next multiple of
+    ``bucket`` (at most ``limit``, the model's sequence length)."""
+    return min(-(-length // bucket) * bucket, limit) if length <= limit else length
+
+
+def sequence_values(model: list[torch.nn.Module], tokens: torch.Tensor, lengths: torch.Tensor, *, rows: int = 8,
+                    bucket: int = 64, pg_collection=None, pad_token_id: int = 0) -> torch.Tensor:
+    """Per-token values (batch, seq) of right-padded sequences, each computed in a shape fixed by its length.
+
+    Matrix kernels choose their arithmetic by shape, so the same sequence scored in batches of other
+    sizes or lengths differs in the last bits. Here every sequence is scored in a micro-batch of exactly
+    ``rows`` rows of :func:`canonical_length` tokens (filled with other sequences of that length class or
+    with padding rows), so its values are bit-identical whatever it is batched with - alone, padded, or
+    merged with other requests by the GVM server. Values past a row's length are 0.
+
+    Collective like :func:`token_values`: every rank of the model's parallel group calls it (with the
+    group's common ``tokens``; on a model with its own process groups, each rank with its own).
+    """
+    from nemo_dvpo.models.builder import unwrap_model
+
+    if tokens.dim() != 2 or lengths.shape != tokens.shape[:1]:
+        raise ValueError(f"expected tokens (batch, seq) and lengths (batch,), got {tuple(tokens.shape)} and "
+                         f"{tuple(lengths.shape)}")
+    limit = unwrap_model(model[0]).max_sequence_length
+    lengths = lengths.to(torch.long).cpu()
+    if pg_collection is not None and pg_collection.tp.size() > 1:
+        return _sequence_values_standalone(model, tokens, lengths, rows, bucket, pg_collection, pad_token_id, limit)
+    return _sequence_values_local(model, tokens, lengths, rows, bucket, pg_collection, pad_token_id, limit)
+
+
+def _canonical_batches(tokens: torch.Tensor, lengths: torch.Tensor, rows: int, bucket: int, pad_token_id: int,
+                       limit: int):
+    """``(row indices, (rows, canonical length) tokens)`` per micro-batch, in a deterministic order."""
+    classes: dict[int, list[int]] = {}
+    for index, length in enumerate(lengths.tolist()):
+        classes.setdefault(canonical_length(max(int(length), 1), bucket, limit), []).append(index)
+    for width in sorted(classes):
+        members = classes[width]
+        for start in range(0, len(members), rows):
+            chunk = members[start:start + rows]
+            batch = torch.full((rows, width), pad_token_id, dtype=torch.long)
+            for row, index in enumerate(chunk):
+                length = min(int(lengths[index]), width)
+                batch[row, :length] = tokens[index, :length].cpu()
+            yield chunk, batch
+
+
+def _assemble_values(shape, lengths, results) -> torch.Tensor:
+    values = torch.zeros(shape, dtype=torch.float32)
+    for chunk, batch_values in results:
+        for row, index in enumerate(chunk):
+            length = int(lengths[index])
+            values[index, :length] = batch_values[row, :length]
+    return values
+
+
+def _sequence_values_local(model, tokens, lengths, rows, bucket, pg_collection, pad_token_id, limit) -> torch.Tensor:
+    results = [(chunk, token_values(model, batch, micro_batch_size=rows, pg_collection=pg_collection))
+               for chunk, batch in _canonical_batches(tokens, lengths, rows, bucket, pad_token_id, limit)]
+    return _assemble_values(tokens.shape, lengths, results).to(tokens.device)
+
+
+def _sequence_values_standalone(model, tokens, lengths, rows, bucket, pg_collection, pad_token_id,
+                                limit) -> torch.Tensor:
+    """A GVM on its own tensor-parallel groups: the group's members bring different rollouts, so they
+    exchange them and all score every member's (distinct) batch, in the same order."""
+    import torch.distributed as dist
+
+    tp_group = pg_collection.tp
+    payload = (tokens.cpu(), lengths)
+    gathered: list = [None] * tp_group.size()
+    dist.all_gather_object(gathered, payload, group=tp_group)
+    distinct: list = []
+    for member_tokens, member_lengths in gathered:
+        if not any(t.shape == member_tokens.shape and torch.equal(t, member_tokens) and torch.equal(n, member_lengths)
+                   for t, n in distinct):
+            distinct.append((member_tokens, member_lengths))
+    mine = None
+    for member_tokens, member_lengths in distinct:
+        results = [(chunk, token_values(model, batch, micro_batch_size=rows, pg_collection=pg_collection))
+                   for chunk, batch in _canonical_batches(member_tokens, member_lengths, rows, bucket,
+                                                          pad_token_id, limit)]
+        if member_tokens.shape == tokens.shape and torch.equal(member_tokens, tokens.cpu()) and \
+                torch.equal(member_lengths, lengths):
+            mine = _assemble_values(tokens.shape, lengths, results)
+    return mine.to(tokens.device)

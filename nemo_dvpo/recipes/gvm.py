@@ -35,7 +35,7 @@ from nemo_dvpo.data.preference import (
     collate_value_batch,
     load_preference_data,
 )
-from nemo_dvpo.data.splits import epoch_order
+from nemo_dvpo.data.splits import EpochStream
 from nemo_dvpo.evaluation.value_accuracy import evaluate_pairs, value_statistics
 from nemo_dvpo.models.builder import resolve_hf_config
 from nemo_dvpo.models.config import ModelConfig, load_model_config
@@ -43,6 +43,7 @@ from nemo_dvpo.models.forward import position_ids_for
 from nemo_dvpo.models.sources import load_tokenizer
 from nemo_dvpo.models.value_model import build_value_model, token_values
 from nemo_dvpo.training.metrics import MetricsLogger, peak_memory_mib, progress_bar
+from nemo_dvpo.training.data_parallel import DataParallel
 from nemo_dvpo.training.optim import OptimConfig, build_optimizer, ddp_config_for
 from nemo_dvpo.training.step import configure_for_training, train_step
 from nemo_dvpo.training.stopping import GracefulStop, stopped_message
@@ -86,9 +87,13 @@ class GVMTrainConfig:
 
 @dataclass
 class DataSplits:
+    # Pairwise or scored preference data (nemo_dvpo.data.preference); eval: held-out pairs (null: none).
     train: str = "data/smollm2_ifeval/pairs_train.jsonl"
     eval: Optional[str] = "data/smollm2_ifeval/pairs_heldout.jsonl"
-    processing: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    # How records become sequences; a GVM trains on prompt + response of up to 512 tokens, prompts cut
+    # from the left when longer (the response, which carries the label, is never cut).
+    processing: PreferenceDataConfig = field(
+        default_factory=lambda: PreferenceDataConfig(max_length=512, overlong="truncate_prompt"))
 
 
 @dataclass
@@ -105,7 +110,8 @@ class GVMRecipeConfig:
     init_from: Optional[str] = None
     data: DataSplits = field(default_factory=DataSplits)
     train: GVMTrainConfig = field(default_factory=GVMTrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Peak lr 1e-5 with 10 warm-up steps, cosine decay to 1e-6.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, min_lr=1e-6, warmup_steps=10))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
@@ -120,8 +126,6 @@ class GVMRecipe:
     """Wires config -> model, data, optimizer; ``train()`` is the numbered loop of the docstring."""
 
     def __init__(self, cfg: GVMRecipeConfig, stop: Optional[GracefulStop] = None):
-        from megatron.core import parallel_state
-
         self.cfg = cfg
         self.stop = stop or GracefulStop()
         model_cfg = cfg.model
@@ -143,15 +147,14 @@ class GVMRecipe:
                                      resume_from=cfg.resume_from)
         if checkpoint is not None:
             check_resumed_model(checkpoint, model_cfg)
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.data_parallel = DataParallel.from_parallel_state()
+        self.dp_size = self.data_parallel.size
         train = cfg.train
         per_rank, remainder = divmod(train.global_batch_size, self.dp_size)
         if remainder or per_rank % train.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={train.global_batch_size} must split into data-parallel size "
                 f"{self.dp_size} x micro-batches of train.micro_batch_size={train.micro_batch_size}")
-        self.sequences_per_rank = per_rank
 
         # Data: the policy's tokenizer and chat template, so GVM and policy see identical tokens.
         self.tokenizer = load_tokenizer(model_cfg.tokenizer_source)
@@ -163,7 +166,7 @@ class GVMRecipe:
                                                eos_token_id=self.eos_token_id)
         print_rank_zero(f"[gvm] training data: {self.train_data.stats}")
         self.eval_pairs = self._eval_pairs() if cfg.data.eval else []
-        self._cached_order: tuple[int, list[int]] = (-1, [])
+        self.sample_stream = EpochStream(self.train_data.groups, cfg.train.seed)
 
         # Model, optimizer, schedule.
         self.hf_config = resolve_hf_config(model_cfg) if cfg.init_from is None else None
@@ -202,24 +205,13 @@ class GVMRecipe:
     def step_samples(self, step: int) -> list:
         """This data-parallel rank's share of the step's global batch.
 
-        The global batch is the slice ``[step * B, (step + 1) * B)`` of an endless stream of
-        epochs, each a seeded permutation: the data position is a function of the step alone.
+        The global batch is the slice ``[step * B, (step + 1) * B)`` of an endless stream of epochs, each
+        a seeded permutation that keeps a pair's two sequences together: the data position is a function
+        of the step alone.
         """
-        samples = self.train_data.samples
         batch_size = self.cfg.train.global_batch_size
-        start = step * batch_size
-        indices = []
-        for position in range(start, start + batch_size):
-            epoch, offset = divmod(position, len(samples))
-            indices.append(self._order(epoch)[offset])
-        mine = indices[self.dp_rank * self.sequences_per_rank:(self.dp_rank + 1) * self.sequences_per_rank]
-        return [samples[index] for index in mine]
-
-    def _order(self, epoch: int) -> list[int]:
-        """The epoch's seeded permutation (pairs stay adjacent); cached, as steps walk through it."""
-        if self._cached_order[0] != epoch:
-            self._cached_order = (epoch, epoch_order(self.train_data.groups, epoch, self.cfg.train.seed))
-        return self._cached_order[1]
+        indices = self.data_parallel.shard(self.sample_stream.positions(step * batch_size, (step + 1) * batch_size))
+        return [self.train_data.samples[index] for index in indices]
 
     def micro_batches(self, samples: list) -> list[tuple[ValueBatch, Optional[torch.Tensor]]]:
         """``(batch, fixed_returns)`` micro-batches; returns stay None when computed in the forward."""

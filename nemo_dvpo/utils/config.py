@@ -121,3 +121,30 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
 
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
+
+
+def defaults_of(cls: type, exclude: tuple[str, ...] = ("model",)) -> dict:
+    """Every field of dataclass ``cls`` with its default (nested dataclasses included), as plain data.
+
+    The dataclasses are the one place defaults live; Hydra composes this under the entry point's YAML,
+    which then holds only the overrides of the embedded default run.
+    """
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name in exclude or not field.init:
+            continue
+        if field.default is not dataclasses.MISSING:
+            value = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+        else:
+            continue
+        values[field.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return values
+
+
+def register_defaults(name: str, cls: type) -> None:
+    """Make ``cls``'s defaults a Hydra config named ``name`` (``defaults: [name, ...]`` in a YAML file)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=name, node=defaults_of(cls))

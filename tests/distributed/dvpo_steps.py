@@ -54,24 +54,26 @@ def main() -> None:
         eval=EvalConfig(before=False, after=False), train=DVPOTrainConfig(steps=2, save_every=100),
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     cfg.optim.lr = 1e-3
-    recipe = DVPORecipe(cfg, cfg.gvm)
-    frozen_before = (state_digest(recipe.gvm), state_digest(recipe.reference))
-    policy_before = state_digest(recipe.policy)
+    from nemo_dvpo.recipes import dvpo as dvpo_recipe
+
     rollouts = []
-    original = recipe.make_rollout
+    original = dvpo_recipe.sample_rollout
 
-    def recording_make_rollout(step, timings, metrics):
-        rollout = original(step, timings, metrics)
-        rollouts.append(rollout.tokens.tolist())
-        return rollout
+    def recording_sample_rollout(*args, **kwargs):
+        sample = original(*args, **kwargs)
+        rollouts.append(sample.tokens.tolist())
+        return sample
 
-    recipe.make_rollout = recording_make_rollout
+    dvpo_recipe.sample_rollout = recording_sample_rollout
+    recipe = DVPORecipe(cfg, cfg.gvm)
+    frozen_before = (state_digest(recipe.scorer.model), state_digest(recipe.reference))
+    policy_before = state_digest(recipe.policy)
     recipe.train()
     recipe.cleanup()
 
-    frozen_unchanged = frozen_before == (state_digest(recipe.gvm), state_digest(recipe.reference))
+    frozen_unchanged = frozen_before == (state_digest(recipe.scorer.model), state_digest(recipe.reference))
     policy_changed = policy_before != state_digest(recipe.policy)
-    frozen_params = [p for model in (recipe.gvm, recipe.reference) for m in model for p in m.parameters()]
+    frozen_params = [p for model in (recipe.scorer.model, recipe.reference) for m in model for p in m.parameters()]
     no_grad = all(not p.requires_grad and p.grad is None for p in frozen_params)
     flags = torch.tensor([float(frozen_unchanged), float(policy_changed), float(no_grad)])
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
