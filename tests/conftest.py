@@ -74,3 +74,31 @@ def megatron_single_rank():
 
     initialize_distributed(ParallelConfig())
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_and_gvm(tmp_path_factory, megatron_single_rank) -> Path:
+    """A folder with a tiny random policy checkpoint (init/) and a GVM from it (gvm/) with a non-zero head."""
+    import torch
+
+    from nemo_dvpo.checkpointing.model_checkpoint import save_model_checkpoint
+    from nemo_dvpo.models.config import load_model_config
+    from nemo_dvpo.models.sources import load_tokenizer
+    from nemo_dvpo.models.value_model import build_value_model, value_head
+    from nemo_dvpo.utils.distributed import ParallelConfig
+    from tests.distributed.common import megatron_from_hf, random_hf_model
+
+    work_dir = tmp_path_factory.mktemp("tiny_policy_and_gvm")
+    model_cfg = load_model_config("tiny")
+    tokenizer = load_tokenizer(model_cfg.tokenizer_source)
+    hf_model = random_hf_model(model_cfg)
+    policy = megatron_from_hf(model_cfg, hf_model, ParallelConfig())
+    save_model_checkpoint(policy, work_dir / "init", model_cfg, hf_model.config, tokenizer, kind="policy")
+    gvm = build_value_model(model_cfg, init_from=str(work_dir / "init"))
+    with torch.no_grad():
+        head = value_head(gvm)
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    save_model_checkpoint(gvm, work_dir / "gvm", model_cfg, hf_model.config, tokenizer, kind="gvm",
+                          extra={"gvm": {"gamma": 1.0, "lam": 0.95, "chat_template": True,
+                                         "value_stats": {"mean": 0.0, "std": 1.0, "num_tokens": 1}}})
+    return work_dir

@@ -11,34 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_dvpo.checkpointing.model_checkpoint import save_model_checkpoint
-from nemo_dvpo.models.config import load_model_config
-from nemo_dvpo.models.sources import load_tokenizer
-from nemo_dvpo.models.value_model import build_value_model, value_head
-from nemo_dvpo.utils.distributed import ParallelConfig
 from tests.conftest import REPO_ROOT, entry_point_env as _env, kill_after_first_checkpoint, run_torchrun
-from tests.distributed.common import megatron_from_hf, random_hf_model
 
 STEP_METRICS = ("rollout/kl", "rollout/gvm_value_mean", "rollout/advantage_std", "train/entropy",
                 "train/pg_loss", "train/kl_loss", "train/grad_norm", "train/clip_fraction", "train/approx_kl")
 
 
 @pytest.fixture(scope="module")
-def work_dir(tmp_path_factory, megatron_single_rank) -> Path:
-    """A tiny random policy checkpoint (init/) and a GVM (gvm/) with a non-zero value head."""
-    work_dir = tmp_path_factory.mktemp("dvpo")
-    model_cfg = load_model_config("tiny")
-    tokenizer = load_tokenizer(model_cfg.tokenizer_source)
-    hf_model = random_hf_model(model_cfg)
-    policy = megatron_from_hf(model_cfg, hf_model, ParallelConfig())
-    save_model_checkpoint(policy, work_dir / "init", model_cfg, hf_model.config, tokenizer, kind="policy")
-    gvm = build_value_model(model_cfg, init_from=str(work_dir / "init"))
-    with torch.no_grad():
-        value_head(gvm).weight.copy_(torch.randn(value_head(gvm).weight.shape, generator=torch.Generator().manual_seed(0)))
-    save_model_checkpoint(gvm, work_dir / "gvm", model_cfg, hf_model.config, tokenizer, kind="gvm",
-                          extra={"gvm": {"gamma": 1.0, "lam": 0.95, "chat_template": True,
-                                         "value_stats": {"mean": 0.0, "std": 1.0, "num_tokens": 1}}})
-    return work_dir
+def work_dir(tiny_policy_and_gvm) -> Path:
+    return tiny_policy_and_gvm
 
 
 @pytest.fixture(scope="module")

@@ -53,11 +53,13 @@ def resolve_hf_config(model_cfg: ModelConfig):
     return hf_config
 
 
-def make_bridge(hf_config, hf_model: Optional[torch.nn.Module] = None, for_export: bool = False):
+def make_bridge(hf_config, hf_model: Optional[torch.nn.Module] = None, for_export: bool = False,
+                name: Optional[str] = None):
     """An AutoBridge for ``hf_config``; with ``hf_model`` it also carries that model's weights.
 
     ``for_export`` attaches a meta-device HF model: exporting needs the HF parameter names (the
-    bridge orders its conversion tasks by them) but none of their memory.
+    bridge orders its conversion tasks by them) but none of their memory. ``name`` is what the
+    bridge's progress bar says it loads from.
     """
     AutoBridge, PreTrainedCausalLM, _ = _bridge_classes()
     if not getattr(hf_config, "architectures", None):
@@ -69,7 +71,7 @@ def make_bridge(hf_config, hf_model: Optional[torch.nn.Module] = None, for_expor
         )
     if hf_model is None and not for_export:
         return AutoBridge.from_hf_config(hf_config)
-    pretrained = PreTrainedCausalLM(model_name_or_path=None)
+    pretrained = PreTrainedCausalLM(model_name_or_path=name)
     pretrained._config = hf_config
     if hf_model is None:
         from transformers import AutoModelForCausalLM
@@ -166,7 +168,7 @@ def load_hf_weights_into(model: list[torch.nn.Module], source: str, hf_config=No
     """Copy the weights of the HF/GGUF model at ``source`` into a Megatron model (any TP/PP)."""
     hf_config = hf_config if hf_config is not None else load_hf_config(source)
     hf_model = load_hf_model(source, dtype=torch.float32)
-    bridge = make_bridge(hf_config, hf_model)
+    bridge = make_bridge(hf_config, hf_model, name=source)
     bridge.load_hf_weights(model)
     del hf_model
 

@@ -128,10 +128,13 @@ def token_values(model: list[torch.nn.Module], tokens: torch.Tensor,
     return forward_only(model, tokens, to_values, tuple(tokens.shape), micro_batch_size=micro_batch_size)
 
 
-def canonical_length(length: int, bucket: int, limit: int) -> int:
-    """The padded length a sequence of ``length`` tokens is always scored at: the next multiple of
-    ``bucket`` (at most ``limit``, the model's sequence length)."""
-    return min(-(-length // bucket) * bucket, limit) if length <= limit else length
+def canonical_length(length: int, bucket: int) -> int:
+    """The padded length a sequence of ``length`` tokens is always scored at: the next multiple of ``bucket``.
+
+    It depends on nothing else - not on the model's own sequence length - so a GVM in this process and
+    one behind a server score alike (build the model for a multiple of ``bucket``).
+    """
+    return -(-max(length, 1) // bucket) * bucket
 
 
 def sequence_values(model: list[torch.nn.Module], tokens: torch.Tensor, lengths: torch.Tensor, *, rows: int = 8,
@@ -154,17 +157,20 @@ def sequence_values(model: list[torch.nn.Module], tokens: torch.Tensor, lengths:
                          f"{tuple(lengths.shape)}")
     limit = unwrap_model(model[0]).max_sequence_length
     lengths = lengths.to(torch.long).cpu()
+    longest = canonical_length(int(lengths.max()), bucket)
+    if longest > limit:
+        raise ValueError(f"a sequence of {int(lengths.max())} tokens is scored at {longest}, beyond the {limit} "
+                         f"the model was built for: build it for a multiple of {bucket} that covers it")
     if pg_collection is not None and pg_collection.tp.size() > 1:
-        return _sequence_values_standalone(model, tokens, lengths, rows, bucket, pg_collection, pad_token_id, limit)
-    return _sequence_values_local(model, tokens, lengths, rows, bucket, pg_collection, pad_token_id, limit)
+        return _sequence_values_standalone(model, tokens, lengths, rows, bucket, pg_collection, pad_token_id)
+    return _sequence_values_local(model, tokens, lengths, rows, bucket, pg_collection, pad_token_id)
 
 
-def _canonical_batches(tokens: torch.Tensor, lengths: torch.Tensor, rows: int, bucket: int, pad_token_id: int,
-                       limit: int):
+def _canonical_batches(tokens: torch.Tensor, lengths: torch.Tensor, rows: int, bucket: int, pad_token_id: int):
     """``(row indices, (rows, canonical length) tokens)`` per micro-batch, in a deterministic order."""
     classes: dict[int, list[int]] = {}
     for index, length in enumerate(lengths.tolist()):
-        classes.setdefault(canonical_length(max(int(length), 1), bucket, limit), []).append(index)
+        classes.setdefault(canonical_length(int(length), bucket), []).append(index)
     for width in sorted(classes):
         members = classes[width]
         for start in range(0, len(members), rows):
@@ -185,14 +191,13 @@ def _assemble_values(shape, lengths, results) -> torch.Tensor:
     return values
 
 
-def _sequence_values_local(model, tokens, lengths, rows, bucket, pg_collection, pad_token_id, limit) -> torch.Tensor:
+def _sequence_values_local(model, tokens, lengths, rows, bucket, pg_collection, pad_token_id) -> torch.Tensor:
     results = [(chunk, token_values(model, batch, micro_batch_size=rows, pg_collection=pg_collection))
-               for chunk, batch in _canonical_batches(tokens, lengths, rows, bucket, pad_token_id, limit)]
+               for chunk, batch in _canonical_batches(tokens, lengths, rows, bucket, pad_token_id)]
     return _assemble_values(tokens.shape, lengths, results).to(tokens.device)
 
 
-def _sequence_values_standalone(model, tokens, lengths, rows, bucket, pg_collection, pad_token_id,
-                                limit) -> torch.Tensor:
+def _sequence_values_standalone(model, tokens, lengths, rows, bucket, pg_collection, pad_token_id) -> torch.Tensor:
     """A GVM on its own tensor-parallel groups: the group's members bring different rollouts, so they
     exchange them and all score every member's (distinct) batch, in the same order."""
     import torch.distributed as dist
@@ -210,7 +215,7 @@ def _sequence_values_standalone(model, tokens, lengths, rows, bucket, pg_collect
     for member_tokens, member_lengths in distinct:
         results = [(chunk, token_values(model, batch, micro_batch_size=rows, pg_collection=pg_collection))
                    for chunk, batch in _canonical_batches(member_tokens, member_lengths, rows, bucket,
-                                                          pad_token_id, limit)]
+                                                          pad_token_id)]
         if member_tokens.shape == tokens.shape and torch.equal(member_tokens, tokens.cpu()) and \
                 torch.equal(member_lengths, lengths):
             mine = _assemble_values(tokens.shape, lengths, results)

@@ -45,17 +45,24 @@ from nemo_dvpo.models.config import ModelConfig
 from nemo_dvpo.models.conversion import export_model_to_hf
 from nemo_dvpo.models.sources import load_tokenizer
 from nemo_dvpo.rlhf.rollout import Sample, sample_rollout, token_logprobs
-from nemo_dvpo.rlhf.scorers import ValueScorer, check_scorer_matches_policy
+from nemo_dvpo.rlhf.scorers import LocalGVM, ValueScorer, check_scorer_matches_policy
 from nemo_dvpo.rlhf.trajectory import Trajectory
 from nemo_dvpo.rlhf.update import LogprobOutputs, MiniBatchSchedule, minibatch_update
+from nemo_dvpo.serving.gvm_client import GVMClientConfig, RemoteGVM, ScorerUnavailable, is_url
 from nemo_dvpo.training.data_parallel import DataParallel
 from nemo_dvpo.training.metrics import MetricsLogger, peak_memory_mib, progress_bar
 from nemo_dvpo.training.offload import move_parameters, offload_enabled, offloaded
 from nemo_dvpo.training.optim import OptimConfig, build_optimizer, ddp_config_for
 from nemo_dvpo.training.step import configure_for_training
 from nemo_dvpo.training.stopping import GracefulStop, stopped_message
-from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed, is_rank_zero, print_rank_zero
-from nemo_dvpo.utils.errors import ConfigError, TrainingStopped
+from nemo_dvpo.utils.distributed import (
+    ParallelConfig,
+    initialize_distributed,
+    is_rank_zero,
+    model_parallel_group,
+    print_rank_zero,
+)
+from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError, TrainingStopped
 from nemo_dvpo.utils.seeding import derive_seed
 
 # -- configuration: every default lives here (conf/dvpo.yaml holds the embedded default's overrides) ------
@@ -181,13 +188,16 @@ class DVPORecipeConfig:
     resume_from: Optional[str] = None
     # Start over in a run_dir that already holds a run, removing only that run's own files.
     overwrite: bool = False
-    # A trained GVM checkpoint (kind "gvm"); null trains one first with stage 1 (see ``gvm_training``).
+    # A trained GVM checkpoint (kind "gvm"), or the URL(s) of GVM servers (examples/serve_gvm.py,
+    # comma-separated replicas); null trains one first with stage 1 (see ``gvm_training``).
     gvm: Optional[str] = None
     # Stage-1 overrides (conf/gvm.yaml keys) for the GVM trained when ``gvm`` is null.
     gvm_training: dict = field(default_factory=dict)
-    # Tensor-parallel size of the GVM: null runs it at the policy's layout (TP and PP); a number runs it
-    # on its own process groups at that TP size without pipeline parallelism (it must divide the world size).
+    # Tensor-parallel size of an in-process GVM: null runs it at the policy's layout (TP and PP); a number
+    # runs it on its own process groups at that TP size without pipeline parallelism (dividing the world).
     gvm_tensor_model_parallel_size: Optional[int] = None
+    # How to talk to a served GVM (gvm=http://host:port[,http://host2:port]): timeouts, retries, token.
+    gvm_client: GVMClientConfig = field(default_factory=GVMClientConfig)
     # A nemo_dvpo checkpoint to start the policy (and reference) from; null takes model.source.
     init_from: Optional[str] = None
     # Keep the frozen reference and GVM in CPU memory except during their forward passes (GPU).
@@ -210,6 +220,9 @@ class DVPORecipeConfig:
         size = self.gvm_tensor_model_parallel_size
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
             raise ConfigError(f"gvm_tensor_model_parallel_size must be null or a positive integer, got {size!r}")
+        if size is not None and is_url(self.gvm):
+            raise ConfigError("gvm_tensor_model_parallel_size applies to a GVM in this process, not to a served "
+                              f"one (gvm={self.gvm}): the server chooses its own layout")
 
     @property
     def kl_in_reward(self) -> bool:
@@ -265,12 +278,10 @@ class DVPORecipe:
         seq_length = cfg.data.max_prompt_tokens + max(rollout.sampling.max_new_tokens, cfg.eval.max_new_tokens)
 
         # Frozen value model first: a GVM that does not fit the policy fails before the policy is built.
-        from nemo_dvpo.rlhf.scorers import LocalGVM
-
-        self.scorer: ValueScorer = LocalGVM(self.gvm, policy_cfg.precision, seq_length,
-                                            tensor_parallel=cfg.gvm_tensor_model_parallel_size,
-                                            rows=rollout.forward_micro_batch_size,
-                                            offload=cfg.offload_frozen_models)
+        self.scorer: ValueScorer = (
+            RemoteGVM(self.gvm, cfg.gvm_client, group=model_parallel_group()) if is_url(self.gvm) else
+            LocalGVM(self.gvm, policy_cfg.precision, seq_length, tensor_parallel=cfg.gvm_tensor_model_parallel_size,
+                     rows=rollout.forward_micro_batch_size, offload=cfg.offload_frozen_models))
         check_scorer_matches_policy(self.scorer.info, self.tokenizer, policy_cfg.vocab_size, cfg.data.chat_template,
                                     where=self.gvm)
         if ppo.value_normalization == "gvm" and not self.scorer.info.value_stats:
@@ -349,7 +360,7 @@ class DVPORecipe:
                                                      vocab_size=self.vocab_size,
                                                      temperature=cfg.rollout.sampling.temperature,
                                                      micro_batch_size=cfg.rollout.forward_micro_batch_size)
-                with timer("gvm_forward"):
+                with timer("gvm_forward"), self.stops_cleanly_without_scorer(step):
                     gvm_values = self.scorer.values(sample.tokens, sample.sequence_lengths)
                 # 4. advantages from the frozen GVM's values, normalised over the global batch
                 trajectory = self.advantages(sample, ref_logprobs, gvm_values)
@@ -467,6 +478,18 @@ class DVPORecipe:
                         f"{result['ci95']:.4f} over {result['num_prompts']} prompts "
                         f"({time.perf_counter() - started:.0f} s)")
         return result
+
+    @contextmanager
+    def stops_cleanly_without_scorer(self, completed: int) -> Iterator[None]:
+        """A GVM server that stays unreachable ends the run with a checkpoint after the last full step."""
+        try:
+            yield
+        except ScorerUnavailable as error:
+            saved = self.save_training(completed) if completed > 0 else None
+            where = (f"with a checkpoint after step {completed} ({saved})" if saved else
+                     "before its first step (nothing to save)")
+            raise NemoDvpoError(f"{error}. The run stopped {where}: restart the GVM server, then run the same "
+                                "command with resume=true to continue") from None
 
     def checkpoint_and_maybe_stop(self, completed: int) -> None:
         steps = self.cfg.train.steps

@@ -113,13 +113,15 @@ class LocalGVM:
     def __init__(self, path: str, precision: str, seq_length: int, *, tensor_parallel: Optional[int] = None,
                  rows: int = 8, bucket: int = 64, offload: bool = False):
         from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config
-        from nemo_dvpo.models.value_model import build_value_model
+        from nemo_dvpo.models.value_model import build_value_model, canonical_length
         from nemo_dvpo.training.offload import move_parameters, offload_enabled
 
         self.info = gvm_info_from_checkpoint(path)
         model_cfg = read_checkpoint_model_config(path)
         self.groups = None if tensor_parallel is None else _own_groups(model_cfg, tensor_parallel)
-        self.model = build_value_model(model_cfg, init_from=path, seq_length=seq_length, pg_collection=self.groups)
+        # Built for a multiple of ``bucket``: every sequence up to ``seq_length`` has its canonical shape.
+        self.model = build_value_model(model_cfg, init_from=path, seq_length=canonical_length(seq_length, bucket),
+                                       pg_collection=self.groups)
         for module in self.model:
             module.eval()
             module.requires_grad_(False)

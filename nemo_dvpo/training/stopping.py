@@ -31,7 +31,9 @@ class GracefulStop:
     be installed from the main thread; elsewhere (a test harness thread) the object stays inert.
     """
 
-    def __init__(self):
+    def __init__(self, action: str = "stopping after the current step with a checkpoint"):
+        # What the process does on the first signal (printed when it arrives).
+        self.action = action
         self.signal_name: Optional[str] = None
         self._previous: dict[int, object] = {}
         self._depth = 0
@@ -59,8 +61,7 @@ class GracefulStop:
             os.write(2, f"\n{name} again: exiting now, without a new checkpoint\n".encode())
             os._exit(128 + signum)
         self.signal_name = name
-        os.write(2, f"\n{name} received: stopping after the current step with a checkpoint "
-                    f"(send it again to exit at once)\n".encode())
+        os.write(2, f"\n{name} received: {self.action} (send it again to exit at once)\n".encode())
 
     @property
     def requested(self) -> bool:

@@ -279,3 +279,11 @@ def all_reduce_on_device(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM)
     on_device = tensor.to(device)
     dist.all_reduce(on_device, op=op, group=group)
     return on_device.to(tensor.device)
+
+
+def model_parallel_group():
+    """This rank's model-parallel group (tensor x pipeline), or None when it has only this rank."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_model_parallel_group()
+    return group if dist.get_world_size(group) > 1 else None

@@ -1,0 +1,35 @@
+"""Serve a frozen GVM over HTTP (Open Inference Protocol / KServe v2) for DVPO actors: ``gvm=http://host:port``.
+
+    python examples/serve_gvm.py gvm=runs/gvm/final server.port=8000
+    torchrun --nproc-per-node 2 examples/serve_gvm.py gvm=runs/gvm/final parallel.tensor_model_parallel_size=2
+    NEMO_DVPO_GVM_TOKEN=secret python examples/serve_gvm.py gvm=... server.host=0.0.0.0   # beyond loopback
+
+The server is nemo_dvpo/serving/gvm_server.py (endpoints, batching, shutdown); settings and defaults are
+its dataclasses (conf/serve_gvm.yaml). SIGTERM or Ctrl-C answers the requests in flight, then every rank exits.
+"""
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_dvpo.serving.gvm_server import ServeGVMConfig, serve
+from nemo_dvpo.training.stopping import GracefulStop
+from nemo_dvpo.utils.config import from_dict, register_defaults
+from nemo_dvpo.utils.distributed import destroy_distributed
+from nemo_dvpo.utils.errors import exit_on_user_error
+
+register_defaults("serve_gvm_defaults", ServeGVMConfig)
+
+
+@hydra.main(config_path="../conf", config_name="serve_gvm", version_base=None)
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    raw.pop("hydra", None)
+    config = from_dict(ServeGVMConfig, raw, "serve_gvm")
+    with GracefulStop(action="answering the requests in flight, then exiting") as stop:
+        serve(config, stop)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

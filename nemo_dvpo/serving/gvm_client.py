@@ -1,0 +1,207 @@
+"""The DVPO actor's side of a served GVM: :class:`RemoteGVM`, a :class:`~nemo_dvpo.rlhf.scorers.ValueScorer`
+over HTTP (``gvm=http://host:port``, several URLs comma-separated).
+
+One rank per model-parallel group talks to the server and broadcasts the values (or the failure) to the
+rest of its group, so no rank waits in a collective that another left; data-parallel ranks send their
+own rollouts. Requests rotate over the URLs; a replica that fails is skipped for the next one, and after
+a round in which every replica failed the client waits (exponential backoff) and tries again, a bounded
+number of times, before it gives up with an error naming every URL and the last failure. A 4xx answer
+is not retried: the request itself is wrong.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from nemo_dvpo.rlhf.scorers import ScorerInfo
+from nemo_dvpo.serving.gvm_server import MODEL_NAME, info_from_metadata
+from nemo_dvpo.serving.kserve import HEADER_LENGTH, infer_request_body, parse_infer_response
+from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
+
+
+class ScorerUnavailable(NemoDvpoError):
+    """The GVM server did not answer after every retry."""
+
+
+@dataclass
+class GVMClientConfig:
+    # Seconds one request may take (scoring a large rollout on a busy server takes a while).
+    timeout_s: float = 300.0
+    # Rounds over all URLs before giving up; the wait between rounds starts at backoff_s and doubles.
+    max_retries: int = 5
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+    # At start, how long to wait for a server that is still loading its model.
+    ready_timeout_s: float = 600.0
+    # Environment variable holding the bearer token, if the server asks for one.
+    token_env: str = "NEMO_DVPO_GVM_TOKEN"
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_s < 0:
+            raise ConfigError("gvm_client.timeout_s must be > 0, max_retries and backoff_s >= 0")
+
+
+def is_url(gvm: Optional[str]) -> bool:
+    return bool(gvm) and gvm.startswith(("http://", "https://"))
+
+
+def parse_urls(gvm: str) -> list[str]:
+    urls = [url.strip().rstrip("/") for url in gvm.split(",") if url.strip()]
+    bad = [url for url in urls if not is_url(url)]
+    if not urls or bad:
+        raise ConfigError(f"gvm={gvm!r}: expected a GVM checkpoint folder or http(s)://host:port URLs "
+                          f"separated by commas{f' (not a URL: {bad[0]})' if bad else ''}")
+    return urls
+
+
+class _HTTPError(Exception):
+    def __init__(self, message: str, retry: bool):
+        super().__init__(message)
+        self.retry = retry
+
+
+class GVMClient:
+    """HTTP calls to one or more GVM servers, with the retry policy of the module docstring."""
+
+    def __init__(self, urls: list[str], config: GVMClientConfig):
+        self.urls, self.config = urls, config
+        token = os.environ.get(config.token_env)
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._next = itertools.cycle(range(len(urls)))
+
+    def _call(self, url: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None,
+              timeout: Optional[float] = None) -> tuple[bytes, dict]:
+        request = urllib.request.Request(url + path, data=body, headers={**self.headers, **(headers or {})},
+                                         method="POST" if body is not None else "GET")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.config.timeout_s) as response:
+                return response.read(), dict(response.headers)
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")
+            try:
+                detail = json.loads(detail).get("error", detail)
+            except (json.JSONDecodeError, AttributeError):
+                pass
+            raise _HTTPError(f"HTTP {error.code}: {detail}", retry=error.code >= 500 or error.code == 429) from None
+        except (urllib.error.URLError, OSError, TimeoutError) as error:
+            reason = getattr(error, "reason", error)
+            raise _HTTPError(f"{type(reason).__name__}: {reason}", retry=True) from None
+
+    def with_retries(self, path: str, body: Optional[bytes] = None,
+                     headers: Optional[dict] = None) -> tuple[bytes, dict]:
+        """The first successful answer (body, headers) from any URL, rotating over them; raises
+        :class:`ScorerUnavailable` when every round failed."""
+        started, wait, last = time.monotonic(), self.config.backoff_s, ""
+        for attempt in range(self.config.max_retries + 1):
+            for _ in range(len(self.urls)):
+                url = self.urls[next(self._next)]
+                try:
+                    return self._call(url, path, body, headers)
+                except _HTTPError as error:
+                    if not error.retry:
+                        raise NemoDvpoError(f"the GVM server at {url} refused the request: {error}") from None
+                    last = f"{url}: {error}"
+            if attempt < self.config.max_retries:
+                time.sleep(wait)
+                wait = min(wait * 2, self.config.backoff_max_s)
+        raise ScorerUnavailable(
+            f"the GVM server did not answer ({', '.join(self.urls)}) after {self.config.max_retries + 1} rounds over "
+            f"{time.monotonic() - started:.0f} s; last failure: {last}")
+
+    def wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        last = ""
+        while True:
+            for url in self.urls:
+                try:
+                    self._call(url, "/v2/health/ready", timeout=10)
+                    return
+                except _HTTPError as error:
+                    last = f"{url}: {error}"
+            if time.monotonic() > deadline:
+                raise ScorerUnavailable(f"no GVM server became ready within gvm_client.ready_timeout_s="
+                                        f"{self.config.ready_timeout_s}; last answer {last}")
+            time.sleep(1.0)
+
+    def info(self) -> ScorerInfo:
+        """What the servers serve; every URL must serve the same GVM."""
+        infos = []
+        for url in self.urls:
+            try:
+                body, _ = self._call(url, f"/v2/models/{MODEL_NAME}", timeout=30)
+            except _HTTPError as error:
+                raise ScorerUnavailable(f"cannot read the model metadata of {url}: {error}") from None
+            infos.append(info_from_metadata(json.loads(body), url))
+        fingerprints = {(info.tokenizer_fingerprint, info.checkpoint.split(" (", 1)[1]) for info in infos}
+        if len(fingerprints) > 1:
+            raise ConfigError(f"the GVM servers {', '.join(self.urls)} serve different GVMs")
+        return infos[0]
+
+    def values(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        body, headers = infer_request_body({"tokens": tokens.astype(np.int64), "lengths": lengths.astype(np.int64)})
+        answer, answer_headers = self.with_retries(f"/v2/models/{MODEL_NAME}/infer", body, headers)
+        header_length = next((value for name, value in answer_headers.items() if name.lower() == HEADER_LENGTH.lower()),
+                             None)
+        return parse_infer_response(answer, header_length)["values"]
+
+
+class RemoteGVM:
+    """A :class:`~nemo_dvpo.rlhf.scorers.ValueScorer` served over HTTP (see the module docstring)."""
+
+    def __init__(self, gvm: str, config: GVMClientConfig, group=None):
+        import torch.distributed as dist
+
+        self.urls = parse_urls(gvm)
+        self.group = group
+        members = dist.get_process_group_ranks(group) if group is not None else [0]
+        self.leader = members[0]
+        self.is_leader = not dist.is_initialized() or dist.get_rank() == self.leader
+        self.client = GVMClient(self.urls, config) if self.is_leader else None
+        payload: list = [None]
+        if self.is_leader:
+            try:
+                self.client.wait_until_ready()
+                payload[0] = ("ok", self.client.info())
+            except NemoDvpoError as error:
+                payload[0] = ("error", str(error), type(error).__name__)
+        if group is not None:
+            dist.broadcast_object_list(payload, src=self.leader, group=group)
+        if payload[0][0] == "error":
+            raise (ConfigError if payload[0][2] == "ConfigError" else ScorerUnavailable)(payload[0][1])
+        self.info = payload[0][1]
+
+    def values(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        status: list = [None]
+        values = None
+        if self.is_leader:
+            try:
+                values = torch.from_numpy(self.client.values(tokens.cpu().numpy(), lengths.cpu().numpy()).copy())
+                status[0] = None
+            except NemoDvpoError as error:
+                status[0] = (str(error), isinstance(error, ScorerUnavailable))
+        if self.group is not None:
+            # The outcome first, so that every rank of the group raises together or receives the values.
+            dist.broadcast_object_list(status, src=self.leader, group=self.group)
+        if status[0] is not None:
+            message, unavailable = status[0]
+            raise (ScorerUnavailable if unavailable else NemoDvpoError)(message)
+        if self.group is not None:
+            from nemo_dvpo.utils.distributed import compute_device
+
+            buffer = values.to(compute_device()) if self.is_leader else torch.empty(
+                tokens.shape, dtype=torch.float32, device=compute_device())
+            dist.broadcast(buffer, src=self.leader, group=self.group)
+            values = buffer.cpu()
+        return values.to(tokens.device)
