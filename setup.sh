@@ -3,7 +3,9 @@
 #
 #   ./setup.sh            CPU machine: creates ./.venv, installs torch 2.13.0 (CPU) first, then the rest.
 #                         GPU machine / NGC container (torch with CUDA already present): installs into
-#                         that Python and keeps the container's torch, Transformer Engine and apex.
+#                         that Python and keeps the container's torch, Transformer Engine and apex - and
+#                         every other package the container pins in its pip constraints (PIP_CONSTRAINT,
+#                         /etc/pip/constraint.txt in NGC images): those keep the container's version.
 #
 # Environment: PYTHON (interpreter to use, default python3), NEMO_DVPO_VENV (venv folder, default .venv).
 set -euo pipefail
@@ -12,11 +14,44 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=${NEMO_DVPO_VENV:-.venv}
 PIP_FLAGS=(--quiet --disable-pip-version-check)
+REQUIREMENTS=requirements.txt
 
 # A CUDA build of torch (NGC container) is kept even where no GPU is visible, e.g. during `docker build`.
 if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1; then
     echo "[setup] CUDA build of torch found in $("$PYTHON" -c 'import sys; print(sys.prefix)'): keeping it"
     PY="$PYTHON"
+    # Our pins give way to the container's: a requirement whose package the container's pip constraints
+    # pin is installed at the container's version (pip would otherwise refuse the conflict).
+    REQUIREMENTS=$(mktemp)
+    trap 'rm -f "$REQUIREMENTS"' EXIT
+    "$PY" - requirements.txt "$REQUIREMENTS" <<'PY'
+import os, re, sys
+
+def names(path):
+    if not path or not os.path.isfile(path):
+        return set()
+    found = set()
+    for line in open(path):
+        match = re.match(r"\s*([A-Za-z0-9_.\-]+)", line.split("#", 1)[0])
+        if match:
+            found.add(re.sub(r"[-_.]+", "-", match.group(1)).lower())
+    return found
+
+pinned = set()
+for path in filter(None, [os.environ.get("PIP_CONSTRAINT"), "/etc/pip/constraint.txt"]):
+    for part in path.split():
+        pinned |= names(part)
+kept, given_way = [], []
+for line in open(sys.argv[1]):
+    match = re.match(r"\s*([A-Za-z0-9_.\-]+)(\[[^\]]*\])?", line.split("#", 1)[0])
+    if match and re.sub(r"[-_.]+", "-", match.group(1)).lower() in pinned:
+        given_way.append(match.group(1) + (match.group(2) or ""))
+        continue
+    kept.append(line)
+open(sys.argv[2], "w").writelines(kept)
+if given_way:
+    print(f"[setup] keeping the container's {', '.join(given_way)} (pinned by its pip constraints)")
+PY
 else
     if [ ! -x "$VENV/bin/python" ]; then
         echo "[setup] creating virtual environment $VENV"
@@ -29,7 +64,7 @@ else
 fi
 
 echo "[setup] installing dependencies"
-"$PY" -m pip install "${PIP_FLAGS[@]}" -r requirements.txt
+"$PY" -m pip install "${PIP_FLAGS[@]}" -r "$REQUIREMENTS"
 "$PY" -m pip install "${PIP_FLAGS[@]}" --no-deps -r requirements-nodeps.txt
 "$PY" -m pip install "${PIP_FLAGS[@]}" --no-deps -e .
 

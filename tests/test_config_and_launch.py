@@ -84,6 +84,19 @@ def test_launch_detection_torchrun_slurm_and_plain():
     assert slurm.master_addr == "gpu007"
     assert slurm.master_port == 20000 + 4242
 
+    # A heterogeneous job's second component: its step runs on its own nodes (the job's list starts with
+    # the first component's), and its job id differs from the first component's, so its port does too.
+    actor = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "gvm01,gpu[02-03]",
+             "SLURM_STEP_NODELIST": "gpu[02-03]", "SLURM_JOB_ID": "4243", "SLURM_STEP_ID": "0"}
+    server = {**actor, "SLURM_STEP_NODELIST": "gvm01", "SLURM_JOB_ID": "4242"}
+    assert detect_launch(actor).master_addr == "gpu02" and detect_launch(server).master_addr == "gvm01"
+    assert detect_launch(actor).master_port != detect_launch(server).master_port
+    # Two concurrent steps of one job on the same nodes
+    assert detect_launch({**actor, "SLURM_STEP_ID": "1"}).master_port != detect_launch(actor).master_port
+    assert 20000 <= detect_launch({**actor, "SLURM_JOB_ID": "99999999"}).master_port < 40000
+    given = detect_launch({**actor, "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "1234"})
+    assert (given.master_addr, given.master_port) == ("10.0.0.5", 1234)
+
     plain = detect_launch({})
     assert (plain.launcher, plain.rank, plain.world_size) == ("single", 0, 1)
 

@@ -162,10 +162,10 @@ class RemoteGVM:
         import torch.distributed as dist
 
         self.urls = parse_urls(gvm)
+        # ``group``: this rank's model-parallel group; None when the rank is a group of its own.
         self.group = group
-        members = dist.get_process_group_ranks(group) if group is not None else [0]
-        self.leader = members[0]
-        self.is_leader = not dist.is_initialized() or dist.get_rank() == self.leader
+        self.leader = dist.get_process_group_ranks(group)[0] if group is not None else None
+        self.is_leader = group is None or dist.get_rank() == self.leader
         self.client = GVMClient(self.urls, config) if self.is_leader else None
         payload: list = [None]
         if self.is_leader:

@@ -76,6 +76,13 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def slurm_rendezvous_port(env: dict[str, str]) -> int:
+    """A port in 20000..39999 from the job and step ids: jobs (and a heterogeneous job's components, which
+    have job ids of their own) that share a node, and concurrent steps of one job, do not collide."""
+    job_id, step_id = int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_STEP_ID", "0") or 0)
+    return 20000 + (job_id + 7919 * step_id) % 20000
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -94,15 +101,15 @@ def detect_launch(environ: dict[str, str] | None = None) -> LaunchInfo:
             launcher="torchrun",
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        # The step's own nodes: in a heterogeneous job each component's step rendezvouses among its nodes.
+        nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+                    or "127.0.0.1")
         return LaunchInfo(
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", "0")),
             master_addr=env.get("MASTER_ADDR") or expand_slurm_nodelist(nodelist)[0],
-            # Jobs sharing a node must not collide on the rendezvous port.
-            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+            master_port=int(env.get("MASTER_PORT") or slurm_rendezvous_port(env)),
             launcher="slurm",
         )
     return LaunchInfo(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
