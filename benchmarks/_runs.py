@@ -13,8 +13,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_entry_point(script: str, overrides: list[str]) -> float:
-    """Run ``python examples/<script> <overrides>`` in the repository; return its wall time in seconds."""
-    command = [sys.executable, f"examples/{script}", *overrides]
+    """Run ``python examples/<script> <overrides>`` in the repository; return its wall time in seconds.
+
+    A benchmark run starts over in its run_dir (``overwrite=true``) unless it resumes.
+    """
+    fresh = [] if any(o.startswith(("resume=", "resume_from=", "overwrite=")) for o in overrides) else ["overwrite=true"]
+    command = [sys.executable, f"examples/{script}", *overrides, *fresh]
     print("$", " ".join(command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO_ROOT, check=True)
@@ -28,3 +32,41 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def median_of(records: list[dict], key: str) -> float:
     values = [record[key] for record in records if key in record]
     return statistics.median(values) if values else float("nan")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_gvm_server(gvm: str, *overrides: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``examples/serve_gvm.py`` on a free loopback port; returns the process and its URL once it is ready."""
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    output = open(log, "w") if log else subprocess.DEVNULL
+    process = subprocess.Popen([sys.executable, "examples/serve_gvm.py", f"gvm={gvm}", f"server.port={port}",
+                                *overrides], cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the GVM server exited with {process.returncode} (log: {log})")
+        try:
+            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2):
+                return process, url
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("the GVM server did not become ready")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    import signal
+
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)

@@ -10,8 +10,30 @@ SmolLM2-135M-Instruct, fp32, CPU: 8 prompts (at most 64 tokens) per step, respon
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from _runs import REPO_ROOT, median_of, read_metrics, run_entry_point
+
+PHASES = ("time/step_s", "time/generation_s", "time/policy_forward_s", "time/reference_forward_s",
+          "time/gvm_forward_s", "time/update_s")
+
+
+def peer_setting(gvm: str, run_dir: Path, steps: int) -> list[str]:
+    """examples/train_dvpo.py overrides of the peer-figure setting."""
+    return [f"gvm={gvm}", f"run_dir={run_dir}", f"train.steps={steps}", f"train.save_every={steps + 1}",
+            "rollout.prompts_per_step=8", "rollout.sampling.max_new_tokens=64", "rollout.sampling.stop_on_eos=false",
+            "data.max_prompt_tokens=64", "ppo.ppo_epochs=4", "ppo.mini_batch_size=2", "ppo.micro_batch_size=2",
+            "eval.before=false", "eval.after=false", "export_hf=false"]
+
+
+def summarize(run_dir: Path) -> dict[str, float]:
+    """Medians of steps 2.. of each phase, generated tokens/s and the peak memory of the run."""
+    records = [record for record in read_metrics(run_dir) if record["step"] > 1]
+    summary = {key: median_of(records, key) for key in PHASES}
+    summary["perf/generated_tokens_per_s"] = median_of(records, "perf/generated_tokens_per_s")
+    summary["perf/peak_memory_mib"] = max(r["perf/peak_memory_mib"] for r in records)
+    summary["steps"] = len(records)
+    return summary
 
 
 def main() -> None:
@@ -22,18 +44,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for examples/train_dvpo.py")
     args = parser.parse_args()
     run_dir = (REPO_ROOT / args.run_dir).resolve()
-    wall = run_entry_point("train_dvpo.py", [
-        f"gvm={args.gvm}", f"run_dir={run_dir}", f"train.steps={args.steps}", f"train.save_every={args.steps + 1}",
-        "rollout.prompts_per_step=8", "rollout.sampling.max_new_tokens=64", "rollout.sampling.stop_on_eos=false",
-        "data.max_prompt_tokens=64", "ppo.ppo_epochs=4", "ppo.mini_batch_size=2", "ppo.micro_batch_size=2",
-        "eval.before=false", "eval.after=false", "export_hf=false", *args.overrides])
-    records = [record for record in read_metrics(run_dir) if record["step"] > 1]
-    print(f"\nDVPO step, median of steps 2..{args.steps} ({len(records)} steps), total wall {wall:.0f} s:")
-    for key in ("time/step_s", "time/generation_s", "time/policy_forward_s", "time/reference_forward_s",
-                "time/gvm_forward_s", "time/update_s"):
-        print(f"  {key:28s} {median_of(records, key):8.2f}")
-    print(f"  {'generated tokens/s':28s} {median_of(records, 'perf/generated_tokens_per_s'):8.1f}")
-    print(f"  {'peak memory (MiB)':28s} {max(r['perf/peak_memory_mib'] for r in records):8.0f}")
+    wall = run_entry_point("train_dvpo.py", [*peer_setting(args.gvm, run_dir, args.steps), *args.overrides])
+    summary = summarize(run_dir)
+    print(f"\nDVPO step, median of steps 2..{args.steps} ({summary['steps']} steps), total wall {wall:.0f} s:")
+    for key in PHASES:
+        print(f"  {key:28s} {summary[key]:8.2f}")
+    print(f"  {'generated tokens/s':28s} {summary['perf/generated_tokens_per_s']:8.1f}")
+    print(f"  {'peak memory (MiB)':28s} {summary['perf/peak_memory_mib']:8.0f}")
 
 
 if __name__ == "__main__":

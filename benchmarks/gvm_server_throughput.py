@@ -1,0 +1,82 @@
+"""GVM server throughput and latency with 1, 8 and 32 concurrent clients (docs/benchmarks.md).
+
+Starts examples/serve_gvm.py on a free loopback port, then for each concurrency runs that many client
+threads, each sending ``--requests`` requests of ``--sequences`` sequences of ``--tokens`` random tokens
+(binary tensors, the form RemoteGVM sends), after one warm-up request. Prints sequences/s over the run
+and the p50 / p99 request latency.
+
+    python benchmarks/gvm_server_throughput.py --gvm runs/gvm_timing/final [--clients 1 8 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+import urllib.request
+
+import numpy as np
+
+from _runs import REPO_ROOT, start_gvm_server, stop_process
+
+from nemo_dvpo.serving.kserve import HEADER_LENGTH, infer_request_body, parse_infer_response  # noqa: E402
+
+
+def request(url: str, tokens: np.ndarray, lengths: np.ndarray) -> float:
+    body, headers = infer_request_body({"tokens": tokens, "lengths": lengths})
+    started = time.perf_counter()
+    call = urllib.request.Request(url + "/v2/models/gvm/infer", data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(call, timeout=600) as response:
+        answer = response.read()
+        values = parse_infer_response(answer, response.headers.get(HEADER_LENGTH))["values"]
+    assert values.shape == tokens.shape
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gvm", required=True)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--sequences", type=int, default=1, help="sequences per request")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("server_overrides", nargs="*", help="extra serve_gvm.py overrides")
+    args = parser.parse_args()
+    generator = np.random.default_rng(0)
+    process, url = start_gvm_server(args.gvm, *args.server_overrides, log=REPO_ROOT / "runs" / "gvm_server_bench.log")
+    try:
+        shape = (args.sequences, args.tokens)
+        lengths = np.full(args.sequences, args.tokens, dtype=np.int64)
+        request(url, generator.integers(0, args.vocab, shape, dtype=np.int64), lengths)  # warm-up
+        print(f"GVM server {args.gvm}: requests of {args.sequences} x {args.tokens} tokens")
+        print(f"{'clients':>8} {'sequences/s':>12} {'p50 latency s':>14} {'p99 latency s':>14} {'requests':>9}")
+        for clients in args.clients:
+            latencies: list[float] = []
+            lock = threading.Lock()
+
+            def client(seed: int) -> None:
+                rng = np.random.default_rng(seed)
+                for _ in range(args.requests):
+                    elapsed = request(url, rng.integers(0, args.vocab, shape, dtype=np.int64), lengths)
+                    with lock:
+                        latencies.append(elapsed)
+
+            threads = [threading.Thread(target=client, args=(seed,)) for seed in range(clients)]
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            wall = time.perf_counter() - started
+            ordered = sorted(latencies)
+            p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+            print(f"{clients:>8} {len(latencies) * args.sequences / wall:>12.2f} {statistics.median(ordered):>14.3f} "
+                  f"{p99:>14.3f} {len(latencies):>9}", flush=True)
+    finally:
+        stop_process(process)
+
+
+if __name__ == "__main__":
+    main()
