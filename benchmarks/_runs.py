@@ -17,7 +17,8 @@ def run_entry_point(script: str, overrides: list[str]) -> float:
 
     A benchmark run starts over in its run_dir (``overwrite=true``) unless it resumes.
     """
-    fresh = [] if any(o.startswith(("resume=", "resume_from=", "overwrite=")) for o in overrides) else ["overwrite=true"]
+    keeps_run_dir = any(o.startswith(("resume=", "resume_from=", "overwrite=")) for o in overrides)
+    fresh = [] if keeps_run_dir else ["overwrite=true"]
     command = [sys.executable, f"examples/{script}", *overrides, *fresh]
     print("$", " ".join(command), flush=True)
     started = time.perf_counter()

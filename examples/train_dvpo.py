@@ -13,7 +13,8 @@ conf/dvpo.yaml overrides them for the embedded default.
 import hydra
 from omegaconf import DictConfig
 
-from nemo_dvpo.recipes.dvpo import DVPORecipe, DVPORecipeConfig, format_summary, parse_config, train_gvm_first
+from nemo_dvpo.recipes.dvpo import DVPORecipe, DVPORecipeConfig, parse_config, train_gvm_first
+from nemo_dvpo.rlhf.policy_run import format_summary
 from nemo_dvpo.training.stopping import GracefulStop
 from nemo_dvpo.utils.config import register_defaults
 from nemo_dvpo.utils.distributed import destroy_distributed, print_rank_zero
@@ -32,7 +33,7 @@ def main(cfg: DictConfig) -> None:
         gvm_path = config.gvm or train_gvm_first(cfg, config, stop=stop)
         recipe = DVPORecipe(config, gvm_path, stop=stop)
         summary = recipe.train()
-    print_rank_zero(format_summary(summary))
+    print_rank_zero(format_summary("DVPO", summary))
     recipe.cleanup()
     destroy_distributed()
 

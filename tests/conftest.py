@@ -78,7 +78,8 @@ def megatron_single_rank():
 
 @pytest.fixture(scope="session")
 def tiny_policy_and_gvm(tmp_path_factory, megatron_single_rank) -> Path:
-    """A folder with a tiny random policy checkpoint (init/) and a GVM from it (gvm/) with a non-zero head."""
+    """A folder with a tiny random policy checkpoint (init/) and a GVM from it (gvm/, also as a reward model:
+    rm/) with a non-zero head."""
     import torch
 
     from nemo_dvpo.checkpointing.model_checkpoint import save_model_checkpoint
@@ -98,7 +99,10 @@ def tiny_policy_and_gvm(tmp_path_factory, megatron_single_rank) -> Path:
     with torch.no_grad():
         head = value_head(gvm)
         head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))
-    save_model_checkpoint(gvm, work_dir / "gvm", model_cfg, hf_model.config, tokenizer, kind="gvm",
-                          extra={"gvm": {"gamma": 1.0, "lam": 0.95, "chat_template": True,
-                                         "value_stats": {"mean": 0.0, "std": 1.0, "num_tokens": 1}}})
+    gvm_metadata = {"gvm": {"gamma": 1.0, "lam": 0.95, "chat_template": True,
+                            "value_stats": {"mean": 0.0, "std": 1.0, "num_tokens": 1}}}
+    save_model_checkpoint(gvm, work_dir / "gvm", model_cfg, hf_model.config, tokenizer, kind="gvm", extra=gvm_metadata)
+    # The same value model as a reward model (read at the last token), for PPO and GRPO.
+    save_model_checkpoint(gvm, work_dir / "rm", model_cfg, hf_model.config, tokenizer, kind="reward_model",
+                          extra=gvm_metadata)
     return work_dir

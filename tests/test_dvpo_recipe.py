@@ -24,7 +24,7 @@ def work_dir(tiny_policy_and_gvm) -> Path:
 
 @pytest.fixture(scope="module")
 def tp1_result(work_dir, tmp_path_factory):
-    return run_torchrun("dvpo_steps.py", 1, str(work_dir), "1", "1", tmp_path=tmp_path_factory.mktemp("tp1"))
+    return run_torchrun("rl_steps.py", 1, "dvpo", str(work_dir), "1", "1", tmp_path=tmp_path_factory.mktemp("tp1"))
 
 
 def test_two_steps_train_the_policy_and_leave_gvm_and_reference_bit_identical(tp1_result):
@@ -48,7 +48,7 @@ def test_two_steps_at_tp2_and_pp2_equal_tp1(work_dir, tp1_result, tp, pp, old_lo
     """Same run at other layouts, with old log-probs from a forward pass instead of the sampler, and
     with the GVM at another TP size than the policy."""
     gvm_args = () if gvm_tp is None else (str(gvm_tp),)
-    result = run_torchrun("dvpo_steps.py", tp * pp, str(work_dir), str(tp), str(pp), old_logprobs, *gvm_args,
+    result = run_torchrun("rl_steps.py", tp * pp, "dvpo", str(work_dir), str(tp), str(pp), old_logprobs, *gvm_args,
                           tmp_path=tmp_path)
     assert result["rollouts"] == tp1_result["rollouts"], "the sampled tokens differ between layouts"
     for expected, actual in zip(tp1_result["metrics"], result["metrics"]):
@@ -123,7 +123,8 @@ def test_bad_config_fails_at_start_up_naming_the_field(tmp_path):
 
 
 def test_gvm_tp_size_that_does_not_divide_the_world_fails_at_start_up(work_dir, tmp_path):
-    completed = subprocess.run(_command(tmp_path / "bad", f"gvm={work_dir / 'gvm'}", "gvm_tensor_model_parallel_size=2"),
+    completed = subprocess.run(_command(tmp_path / "bad", f"gvm={work_dir / 'gvm'}",
+                                        "gvm_tensor_model_parallel_size=2"),
                                cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2
     assert "gvm_tensor_model_parallel_size=2: world size 1 is not a multiple" in completed.stderr + completed.stdout

@@ -82,9 +82,9 @@ def server(gvm_dir):
 
 @pytest.fixture(scope="module")
 def in_process_gvm(gvm_dir, megatron_single_rank):
-    from nemo_dvpo.rlhf.scorers import LocalGVM
+    from nemo_dvpo.rlhf.scorers import LocalValueModel
 
-    return LocalGVM(str(gvm_dir), "fp32", seq_length=200)
+    return LocalValueModel(str(gvm_dir), "fp32", seq_length=200)
 
 
 def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict | bytes]:

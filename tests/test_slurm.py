@@ -195,7 +195,7 @@ def test_hetjob_serves_the_gvm_on_its_own_node_and_the_actor_trains_with_its_val
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps_this_run"] == 2
     assert summary["gvm"].startswith("http://127.0.0.1:"), summary["gvm"]  # node n1's address
-    assert f"[serve_gvm] serving http://0.0.0.0:" in output
+    assert "[serve_gvm] serving http://0.0.0.0:" in output
     assert "every request in flight was answered" in output  # the server stopped cleanly after the actor
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_dvpo.algorithms.gvm import DEFAULT_GAMMA, DEFAULT_LAMBDA, lambda_returns
+from nemo_dvpo.algorithms.ppo import state_values
 
 ADVANTAGE_MODES = ("value", "gae")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -126,7 +127,7 @@ def compute_advantages(gvm_values: torch.Tensor, logprobs: torch.Tensor, ref_log
     mask = response_mask.bool()
     if mode == "gae":
         # State values: token t's baseline is the GVM's value at t - 1, before the token was chosen.
-        gvm_values = torch.cat([torch.zeros_like(gvm_values[:, :1]), gvm_values[:, :-1]], dim=1)
+        gvm_values = state_values(gvm_values)
     if value_stats is None:
         normalized_values = masked_normalize(gvm_values, mask, eps=eps, group=group)
     else:

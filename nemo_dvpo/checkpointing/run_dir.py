@@ -1,8 +1,9 @@
 """A training run's folder: what a run writes there, and the rules for starting, resuming or replacing it.
 
-``RUN_DIR/checkpoints/``, ``final/``, ``hf/``, ``metrics.jsonl``, ``tensorboard/`` and ``summary.json``
-are the run's own. A fresh run into a folder that already holds a run is refused - ``resume=true``
-continues it, ``overwrite=true`` starts over, removing those entries and nothing else.
+``RUN_DIR/checkpoints/``, ``final/`` (and ``final_<model>/`` of further trained models), ``hf/``,
+``metrics.jsonl``, ``tensorboard/`` and ``summary.json`` are the run's own. A fresh run into a folder that
+already holds a run is refused - ``resume=true`` continues it, ``overwrite=true`` starts over, removing those
+entries and nothing else.
 """
 
 from __future__ import annotations
@@ -47,13 +48,15 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool, resum
     if overwrite and (resume or resume_from):
         raise ConfigError("overwrite=true starts the run over; it cannot be combined with resume=true or resume_from")
     checkpoint = checkpoint_to_resume(run_dir, resume, resume_from)
-    existing = [name for name in RUN_ENTRIES if (run_dir / name).exists()]
+    # final_<name>: further models of the run (PPO's critic).
+    entries = [*RUN_ENTRIES, *sorted(path.name for path in run_dir.glob("final_*"))] if run_dir.is_dir() else []
+    existing = [name for name in entries if (run_dir / name).exists()]
     if checkpoint is None and existing and not (resume or overwrite):
         raise ConfigError(f"run_dir={run_dir} already holds a run ({', '.join(existing)}); resume=true continues it, "
                           "overwrite=true starts it over (removing only that run's own files)")
     if overwrite:
         if _rank() == 0:
-            for name in (*RUN_ENTRIES, *extra_entries):
+            for name in (*entries, *extra_entries):
                 entry = run_dir / name
                 if entry.is_dir():
                     shutil.rmtree(entry)

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -39,6 +39,18 @@ from nemo_dvpo.checkpointing.model_checkpoint import (
 from nemo_dvpo.utils.errors import CheckpointError
 
 TRAINER_STATE_FILE = "trainer_state.json"
+
+
+class TrainedModel(NamedTuple):
+    """A further model a run trains beside its main one (PPO's critic), checkpointed in a subfolder of the
+    step's checkpoint (``<name>/``, itself a model checkpoint) and resumed with it."""
+
+    model: list
+    optimizer: Any
+    scheduler: Any
+    model_cfg: Any
+    hf_config: Any
+    kind: str
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -65,33 +77,57 @@ def _set_rng_state(state: dict) -> None:
         get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def save_training_checkpoint(run_dir: str | Path, step: int, model: list[torch.nn.Module], optimizer, scheduler,
-                             model_cfg, hf_config, tokenizer, kind: str, trainer_state: dict[str, Any],
-                             metadata: Optional[dict[str, Any]] = None, keep_last: int = 2) -> Path:
-    """Collective: write the checkpoint for ``step`` atomically and point ``latest`` at it."""
-    from nemo_dvpo.checkpointing.distributed_io import save_distributed, state_dict_nbytes
+def _model_and_optimizer_states(model: list[torch.nn.Module], optimizer) -> tuple[dict, dict]:
     from nemo_dvpo.models.builder import unwrap_model
 
-    path = checkpoint_dir(run_dir, step)
     module = unwrap_model(model[0])
+    # A model that has not stepped yet (PPO's policy during the critic's warm-up) has no Adam state; save
+    # the zero state a fresh Adam starts from, so the checkpoint has every key that loading asks for.
+    with torch.no_grad():
+        _prime_adam_state(optimizer)
+    return (module.sharded_state_dict(),
+            optimizer.sharded_state_dict(module.sharded_state_dict(), metadata=_OPTIMIZER_METADATA))
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, model: list[torch.nn.Module], optimizer, scheduler,
+                             model_cfg, hf_config, tokenizer, kind: str, trainer_state: dict[str, Any],
+                             metadata: Optional[dict[str, Any]] = None, keep_last: int = 2,
+                             extra_models: Optional[dict[str, TrainedModel]] = None) -> Path:
+    """Collective: write the checkpoint for ``step`` atomically and point ``latest`` at it.
+
+    ``extra_models`` are saved in subfolders of the same checkpoint, so the models of one step are
+    complete together or not at all.
+    """
+    from nemo_dvpo.checkpointing.distributed_io import save_distributed, state_dict_nbytes
+
+    path = checkpoint_dir(run_dir, step)
+    extra_models = extra_models or {}
     with (target := AtomicCheckpointDir(path)) as staging:
-        model_state = module.sharded_state_dict()
-        optimizer_state = optimizer.sharded_state_dict(module.sharded_state_dict(), metadata=_OPTIMIZER_METADATA)
-        target.reserve(state_dict_nbytes(model_state) + state_dict_nbytes(optimizer_state))
+        parts = {".": (_model_and_optimizer_states(model, optimizer), model_cfg, hf_config, kind)}
+        for name, trained in extra_models.items():
+            parts[name] = (_model_and_optimizer_states(trained.model, trained.optimizer), trained.model_cfg,
+                           trained.hf_config, trained.kind)
+        target.reserve(sum(state_dict_nbytes(model_state) + state_dict_nbytes(optimizer_state)
+                           for (model_state, optimizer_state), *_ in parts.values()))
         if _rank() == 0:
-            (staging / "weights").mkdir()
-            (staging / "optimizer").mkdir()
+            for name in parts:
+                (staging / name / "weights").mkdir(parents=True)
+                (staging / name / "optimizer").mkdir()
             (staging / "rng").mkdir()
         _barrier()
-        save_distributed(model_state, staging / "weights")
-        save_distributed(optimizer_state, staging / "optimizer")
+        for name, ((model_state, optimizer_state), *_) in parts.items():
+            save_distributed(model_state, staging / name / "weights")
+            save_distributed(optimizer_state, staging / name / "optimizer")
         torch.save(_rng_state(), staging / "rng" / f"rank_{_rank():05d}.pt")
         if _rank() == 0:
-            save_hf_artifacts(staging / "hf", hf_config, tokenizer)
+            for name, (_, part_cfg, part_hf_config, part_kind) in parts.items():
+                save_hf_artifacts(staging / name / "hf", part_hf_config, tokenizer)
+                write_json_atomic(staging / name / METADATA_FILE, checkpoint_metadata(
+                    part_cfg, part_kind, tokenizer, {"step": step, **((metadata or {}) if name == "." else {})}))
             write_json_atomic(staging / TRAINER_STATE_FILE, {
-                "step": step, "scheduler": scheduler.state_dict(), **trainer_state})
-            write_json_atomic(staging / METADATA_FILE, checkpoint_metadata(
-                model_cfg, kind, tokenizer, {"step": step, **(metadata or {})}))
+                "step": step, "scheduler": scheduler.state_dict(), "extra_models": sorted(extra_models),
+                "extra_schedulers": {name: trained.scheduler.state_dict() for name, trained in extra_models.items()},
+                **trainer_state})
     if _rank() == 0:
         _point_latest_at(run_dir, path)
         _remove_old_checkpoints(run_dir, keep_last)
@@ -149,8 +185,9 @@ def verify_training_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{label}: {TRAINER_STATE_FILE} is truncated or damaged ({error})") from None
     if not isinstance(state, dict) or "step" not in state or "scheduler" not in state:
         raise CheckpointError(f"{label}: {TRAINER_STATE_FILE} lacks the step or the schedule state")
-    verify_distributed_checkpoint(path / "weights", label)
-    verify_distributed_checkpoint(path / "optimizer", label)
+    for name in [".", *state.get("extra_models", [])]:
+        verify_distributed_checkpoint(path / name / "weights", label)
+        verify_distributed_checkpoint(path / name / "optimizer", label)
     return state
 
 
@@ -235,22 +272,54 @@ def _restore_adam_step(optimizer) -> None:
                     torch_optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
-def load_training_checkpoint(path: str | Path, model: list[torch.nn.Module], optimizer, scheduler) -> dict:
-    """Collective: restore model, optimizer, schedule and RNG; return the trainer state dict."""
+def _restore_zero_common_step(optimizer_state) -> None:
+    """Put back the Adam step of an optimizer saved before its first step.
+
+    megatron-core's FP32Optimizer saves the step once for all parameters as ``common_step``, but only
+    when it is non-zero; loading the primed zero state without it would leave Adam's state without a step.
+    """
+    if isinstance(optimizer_state, dict) and "state" not in optimizer_state:
+        optimizer_state = list(optimizer_state.values())  # a ChainedOptimizer's, keyed by optimizer index
+    for state_dict in optimizer_state if isinstance(optimizer_state, list) else [optimizer_state]:
+        state = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if isinstance(state, dict) and state and "common_step" not in state and \
+                all(isinstance(value, dict) and "step" not in value for value in state.values()):
+            state["common_step"] = torch.tensor(0.0)
+
+
+def _load_model_and_optimizer(path: Path, model: list[torch.nn.Module], optimizer) -> None:
     from nemo_dvpo.checkpointing.distributed_io import load_distributed
     from nemo_dvpo.models.builder import unwrap_model
 
-    path = Path(path)
-    trainer_state = verify_training_checkpoint(path)
     load_sharded_weights(model, path / "weights")
     module = unwrap_model(model[0])
     with torch.no_grad():
         _prime_adam_state(optimizer)
         optimizer_state = optimizer.sharded_state_dict(module.sharded_state_dict(), is_loading=True,
                                                        metadata=_OPTIMIZER_METADATA)
-        optimizer.load_state_dict(load_distributed(optimizer_state, path / "optimizer", label=str(path)))
+        loaded = load_distributed(optimizer_state, path / "optimizer", label=str(path))
+        _restore_zero_common_step(loaded)
+        optimizer.load_state_dict(loaded)
         _restore_adam_step(optimizer)
+
+
+def load_training_checkpoint(path: str | Path, model: list[torch.nn.Module], optimizer, scheduler,
+                             extra_models: Optional[dict[str, TrainedModel]] = None) -> dict:
+    """Collective: restore model, optimizer, schedule (and those of ``extra_models``) and RNG; return the
+    trainer state dict."""
+    path = Path(path)
+    trainer_state = verify_training_checkpoint(path)
+    extra_models = extra_models or {}
+    saved_extras = trainer_state.pop("extra_models", [])
+    if sorted(extra_models) != sorted(saved_extras):
+        raise CheckpointError(f"{path} holds the models {['policy', *saved_extras]}, this run trains "
+                              f"{['policy', *sorted(extra_models)]}: resume with the settings it was saved with")
+    _load_model_and_optimizer(path, model, optimizer)
     scheduler.load_state_dict(trainer_state.pop("scheduler"))
+    extra_schedulers = trainer_state.pop("extra_schedulers", {})
+    for name, trained in extra_models.items():
+        _load_model_and_optimizer(path / name, trained.model, trained.optimizer)
+        trained.scheduler.load_state_dict(extra_schedulers[name])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     # A run resumed on more ranks than it was saved from has no stream for the new ranks: its data
     # order is still exact (a function of the step); only their sampling streams start from seeds.

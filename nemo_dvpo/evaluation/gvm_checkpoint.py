@@ -26,12 +26,14 @@ def load_gvm(path: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,
              precision: Optional[str] = None) -> LoadedGVM:
     """Collective: initialise distributed state for the layout and load the GVM at ``path``."""
     from nemo_dvpo.models.sources import load_tokenizer
-    from nemo_dvpo.models.value_model import build_value_model
+    from nemo_dvpo.models.value_model import VALUE_MODEL_KINDS, build_value_model
     from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed
 
     metadata = read_checkpoint_metadata(path)
-    if metadata["kind"] != "gvm":
-        raise CheckpointError(f"{path} holds a {metadata['kind']!r} checkpoint, not a GVM (kind 'gvm')")
+    # A reward model or a critic is read the same way (trunk + value head).
+    if metadata["kind"] not in VALUE_MODEL_KINDS:
+        raise CheckpointError(f"{path} holds a {metadata['kind']!r} checkpoint, not a value model (kind "
+                              f"{' / '.join(VALUE_MODEL_KINDS)})")
     model_cfg = read_checkpoint_model_config(path)
     if precision is not None:
         model_cfg = dataclasses.replace(model_cfg, precision=precision)

@@ -23,6 +23,10 @@ from nemo_dvpo.models.builder import build_gpt_model, unwrap_model
 from nemo_dvpo.models.config import ModelConfig
 
 
+# Checkpoint kinds that hold a trunk *and* a value head (a policy checkpoint holds a trunk with an LM head).
+VALUE_MODEL_KINDS = ("gvm", "reward_model", "critic")
+
+
 class ValueHead(torch.nn.Module):
     """Stands in for ``GPTModel.output_layer``: same call signature, one output per token.
 
@@ -79,7 +83,8 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
 
     ``init_from`` selects the trunk's weights: None takes ``model_cfg.source`` (an HF folder, hub id
     or GGUF file); a nemo_dvpo model checkpoint folder loads that model's trunk; a GVM checkpoint
-    (``kind == "gvm"``) restores trunk and head. The head is fresh (zero) unless restored. With a
+    (any of :data:`VALUE_MODEL_KINDS`: a GVM, a reward model, PPO's critic) restores trunk and head. The head
+    is fresh (zero) unless restored. With a
     checkpoint, only ``model_cfg.precision`` is taken from ``model_cfg``; the shape is the checkpoint's.
     """
     from nemo_dvpo.checkpointing.model_checkpoint import (
@@ -97,7 +102,7 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
     # The checkpoint defines the shape; the caller chooses the precision to run in.
     model_cfg = dataclasses.replace(read_checkpoint_model_config(init_from), precision=model_cfg.precision)
     weights = Path(init_from) / "weights"
-    if metadata["kind"] == "gvm":
+    if metadata["kind"] in VALUE_MODEL_KINDS:
         def transform(model):
             attach_value_head(model)
             load_sharded_weights(model, weights)

@@ -1,4 +1,5 @@
-"""Stage 1 of DVPO: train a Global Value Model (GVM) on preference data with a TD(lambda) loss.
+"""Stage 1 of DVPO: train a Global Value Model (GVM) on preference data with a TD(lambda) loss - or, with
+``train.objective=bradley_terry``, a reward model on the same data and readers (examples/train_reward_model.py).
 
     python examples/train_gvm.py                                     # SmolLM2 on the shipped preference set
     python examples/train_gvm.py run_dir=runs/gvm resume=true        # continue a killed run
@@ -20,12 +21,13 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from nemo_dvpo.algorithms.gvm import gvm_loss, lambda_returns, terminal_rewards
+from nemo_dvpo.algorithms.gvm import gvm_loss, lambda_returns, last_response_index, terminal_rewards
+from nemo_dvpo.algorithms.reward import bradley_terry_loss, pair_rows
 from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config, save_model_checkpoint
 from nemo_dvpo.checkpointing.run_dir import check_resumed_model, prepare_run_dir
 from nemo_dvpo.checkpointing.train_checkpoint import load_training_checkpoint, save_training_checkpoint
@@ -38,7 +40,8 @@ from nemo_dvpo.data.preference import (
 from nemo_dvpo.data.splits import EpochStream
 from nemo_dvpo.evaluation.value_accuracy import evaluate_pairs, value_statistics
 from nemo_dvpo.models.builder import resolve_hf_config
-from nemo_dvpo.models.config import ModelConfig, load_model_config
+from nemo_dvpo.models.config import ModelConfig
+from nemo_dvpo.recipes.config import parse_recipe_config
 from nemo_dvpo.models.forward import position_ids_for
 from nemo_dvpo.models.sources import load_tokenizer
 from nemo_dvpo.models.value_model import build_value_model, token_values
@@ -47,7 +50,6 @@ from nemo_dvpo.training.data_parallel import DataParallel
 from nemo_dvpo.training.optim import OptimConfig, build_optimizer, ddp_config_for
 from nemo_dvpo.training.step import configure_for_training, train_step
 from nemo_dvpo.training.stopping import GracefulStop, stopped_message
-from nemo_dvpo.utils.config import from_dict
 from nemo_dvpo.utils.distributed import (
     ParallelConfig,
     compute_device,
@@ -60,6 +62,10 @@ from nemo_dvpo.utils.errors import ConfigError, TrainingStopped
 
 @dataclass
 class GVMTrainConfig:
+    # "td_lambda": the GVM's per-token regression onto the return of the final label (DVPO's stage 1);
+    # "bradley_terry": a reward model, -log sigmoid(r_chosen - r_rejected) on the value at each response's last
+    # token (pairwise data; a pair's two sequences always share a micro-batch).
+    objective: Literal["td_lambda", "bradley_terry"] = "td_lambda"
     steps: int = 200
     # Sequences per step over all data-parallel ranks; a pair contributes two sequences.
     global_batch_size: int = 32
@@ -83,6 +89,14 @@ class GVMTrainConfig:
                      "save_every", "eval_micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.objective == "bradley_terry" and (self.micro_batch_size % 2 or self.passes_per_batch != 1):
+            raise ConfigError("train.objective=bradley_terry needs an even train.micro_batch_size (whole pairs) and "
+                              "train.passes_per_batch=1")
+
+    @property
+    def kind(self) -> str:
+        """What the trained model is, as its checkpoints say."""
+        return "reward_model" if self.objective == "bradley_terry" else "gvm"
 
 
 @dataclass
@@ -116,10 +130,17 @@ class GVMRecipeConfig:
 
 
 def parse_config(cfg: DictConfig) -> GVMRecipeConfig:
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    model_cfg = load_model_config(raw.pop("model"))
-    raw.pop("hydra", None)
-    return from_dict(GVMRecipeConfig, {"model": model_cfg, **raw}, "gvm")
+    return parse_recipe_config(cfg, GVMRecipeConfig, "gvm")
+
+
+def bradley_terry_loss_and_metrics(values: torch.Tensor, batch: ValueBatch):
+    """A reward model's loss on a micro-batch of whole pairs: the value at each response's last token is its
+    reward (:mod:`nemo_dvpo.algorithms.reward`)."""
+    chosen, rejected = pair_rows(batch.pair_ids.cpu(), batch.is_chosen.cpu())
+    rewards = values.gather(1, last_response_index(batch.response_mask)[:, None]).squeeze(1)
+    result = bradley_terry_loss(rewards[chosen.to(values.device)], rewards[rejected.to(values.device)])
+    return result.loss, {"loss": result.loss.detach(), "pair_accuracy": result.accuracy, "reward_margin": result.margin,
+                         "reward_mean": rewards.detach().mean()}
 
 
 class GVMRecipe:
@@ -165,6 +186,9 @@ class GVMRecipe:
         self.train_data = load_preference_data(cfg.data.train, cfg.data.processing, self.tokenizer,
                                                eos_token_id=self.eos_token_id)
         print_rank_zero(f"[gvm] training data: {self.train_data.stats}")
+        if train.objective == "bradley_terry" and any(sample.pair_id is None for sample in self.train_data.samples):
+            raise ConfigError(f"train.objective=bradley_terry learns from pairs, but {cfg.data.train} holds scored "
+                              "records (prompt / response / score): give pairwise data (prompt / chosen / rejected)")
         self.eval_pairs = self._eval_pairs() if cfg.data.eval else []
         self.sample_stream = EpochStream(self.train_data.groups, cfg.train.seed)
 
@@ -188,6 +212,11 @@ class GVMRecipe:
             self.start_step = state["step"]
             print_rank_zero(f"[gvm] resumed from {checkpoint} at step {self.start_step}")
         self.logger = MetricsLogger(cfg.run_dir, resume_step=self.start_step if checkpoint else None)
+
+    @property
+    def headline_accuracy(self) -> str:
+        """The held-out accuracy shown while training: a reward model is read at the last token."""
+        return "last" if self.cfg.train.objective == "bradley_terry" else "mean"
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -234,6 +263,8 @@ class GVMRecipe:
 
         def loss_func(values: torch.Tensor):
             values = values.squeeze(-1).float()
+            if train.objective == "bradley_terry":
+                return bradley_terry_loss_and_metrics(values, batch)
             returns = fixed_returns if fixed_returns is not None else lambda_returns(
                 values, terminal_rewards(batch.labels, batch.response_mask), batch.response_mask,
                 train.gamma, train.lam)
@@ -286,7 +317,7 @@ class GVMRecipe:
                 if self.eval_pairs and (completed % train.eval_every == 0 or completed == train.steps):
                     self.last_accuracy = self.evaluate()
                     metrics.update({f"eval/accuracy_{name}": value for name, value in self.last_accuracy.items()})
-                    shown_accuracy = metrics["eval/accuracy_mean"]
+                    shown_accuracy = metrics[f"eval/accuracy_{self.headline_accuracy}"]
                 self.logger.log(completed, {name if "/" in name else f"train/{name}": value
                                             for name, value in metrics.items()})
                 bar.update(1)
@@ -314,8 +345,9 @@ class GVMRecipe:
 
     def save_training(self, step: int) -> Path:
         return save_training_checkpoint(self.cfg.run_dir, step, self.model, self.optimizer, self.scheduler,
-                                        self.model_cfg, self.hf_config, self.tokenizer, kind="gvm", trainer_state={},
-                                        metadata={"gvm": self._gvm_metadata()}, keep_last=self.cfg.train.keep_last)
+                                        self.model_cfg, self.hf_config, self.tokenizer, kind=self.cfg.train.kind,
+                                        trainer_state={}, metadata={"gvm": self._gvm_metadata()},
+                                        keep_last=self.cfg.train.keep_last)
 
     def _gvm_metadata(self, value_stats: Optional[dict] = None) -> dict:
         train = self.cfg.train
@@ -333,10 +365,12 @@ class GVMRecipe:
             masks.append(torch.ones_like(values[-1], dtype=torch.bool))
         stats = value_statistics(torch.cat(values), torch.cat(masks))
         final = Path(self.cfg.run_dir) / "final"
-        save_model_checkpoint(self.model, final, self.model_cfg, self.hf_config, self.tokenizer, kind="gvm",
+        save_model_checkpoint(self.model, final, self.model_cfg, self.hf_config, self.tokenizer,
+                              kind=self.cfg.train.kind,
                               extra={"gvm": {**self._gvm_metadata(stats), "eval_accuracy": eval_accuracy},
                                      "step": self.cfg.train.steps})
-        print_rank_zero(f"[gvm] saved {final} (value mean {stats['mean']:+.4f}, std {stats['std']:.4f})")
+        print_rank_zero(f"[gvm] saved the {self.cfg.train.kind} {final} (value mean {stats['mean']:+.4f}, "
+                        f"std {stats['std']:.4f})")
 
     def cleanup(self) -> None:
         self.logger.close()

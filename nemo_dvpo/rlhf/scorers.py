@@ -1,4 +1,4 @@
-"""Per-token values for a rollout from a frozen value model: the ``ValueScorer`` interface.
+"""Per-token values for a rollout from a frozen value model: the ``ValueScorer`` interface (and rewards from it).
 
 DVPO's only learning signal is a frozen Global Value Model. Whether it runs in this process at the
 policy's layout, on its own tensor-parallel groups, or behind an HTTP server on other GPUs is a
@@ -10,9 +10,10 @@ deployment choice, so the recipe talks to a :class:`ValueScorer`:
   vocabulary, tokenizer or chat template - is refused before the first step instead of silently
   producing values for tokens the GVM never saw.
 
-:class:`LocalGVM` runs a GVM checkpoint in this process; :class:`nemo_dvpo.serving.gvm_client.RemoteGVM`
-asks a GVM server (``examples/serve_gvm.py``). Both score with
-:func:`nemo_dvpo.models.value_model.sequence_values`, so they return the same bits.
+:class:`LocalValueModel` runs a value-model checkpoint (a GVM, a reward model) in this process;
+:class:`nemo_dvpo.serving.gvm_client.RemoteGVM` asks a server (``examples/serve_gvm.py``). Both score with
+:func:`nemo_dvpo.models.value_model.sequence_values`, so they return the same bits. A reward model is a value
+model read at each response's last token: :class:`RewardScorer` turns any value scorer into one.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from nemo_dvpo.utils.errors import CheckpointError, ConfigError
 class ScorerInfo:
     """What a value scorer expects of its inputs, and what is known of its values."""
 
-    kind: str                             # "gvm"
+    kind: str                             # "gvm" or "reward_model"
     checkpoint: str                       # where it was loaded from (a path, or the server's checkpoint id)
     vocab_size: int
     tokenizer_fingerprint: str            # :func:`tokenizer_fingerprint` of the tokenizer it was trained with
@@ -82,41 +83,43 @@ def check_scorer_matches_policy(info: ScorerInfo, tokenizer, vocab_size: int, ch
         raise CheckpointError(f"the GVM at {where} was trained with another chat template than the policy's")
 
 
-def gvm_info_from_checkpoint(path: str) -> ScorerInfo:
-    """The :class:`ScorerInfo` of a GVM checkpoint folder (its metadata and saved tokenizer)."""
+def value_model_info(path: str, kinds: tuple[str, ...] = ("gvm",)) -> ScorerInfo:
+    """The :class:`ScorerInfo` of a value-model checkpoint folder (its metadata and saved tokenizer), which must
+    be of one of ``kinds``."""
     from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_metadata, read_checkpoint_model_config
     from nemo_dvpo.models.sources import load_tokenizer
 
     metadata = read_checkpoint_metadata(path)
-    if metadata["kind"] != "gvm":
-        raise CheckpointError(f"gvm={path} holds a {metadata['kind']!r} checkpoint, not a GVM (kind 'gvm')")
+    if metadata["kind"] not in kinds:
+        raise CheckpointError(f"{path} holds a {metadata['kind']!r} checkpoint, not a "
+                              f"{' or '.join(repr(kind) for kind in kinds)} one")
     model_cfg = read_checkpoint_model_config(path)
     if model_cfg.tokenizer is None:
         raise CheckpointError(f"the GVM checkpoint {path} holds no tokenizer")
     tokenizer = load_tokenizer(model_cfg.tokenizer)
     gvm = metadata.get("gvm") or {}
-    return ScorerInfo(kind="gvm", checkpoint=str(path), vocab_size=model_cfg.vocab_size,
+    return ScorerInfo(kind=metadata["kind"], checkpoint=str(path), vocab_size=model_cfg.vocab_size,
                       tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                       chat_template=bool(gvm.get("chat_template", True)),
                       chat_template_fingerprint=chat_template_fingerprint(tokenizer),
                       value_stats=gvm.get("value_stats"), eval_accuracy=gvm.get("eval_accuracy"))
 
 
-class LocalGVM:
-    """A frozen GVM checkpoint in this process: at the current (policy) layout, or on its own groups.
+class LocalValueModel:
+    """A frozen value-model checkpoint in this process: at the current (policy) layout, or on its own groups.
 
     ``tensor_parallel=None`` builds it at the global tensor/pipeline layout; a number builds it on process
     groups of its own at that TP size without pipeline stages (:func:`standalone_model_groups`).
     ``offload`` keeps its weights in CPU memory between forward passes (GPU only).
     """
 
-    def __init__(self, path: str, precision: str, seq_length: int, *, tensor_parallel: Optional[int] = None,
-                 rows: int = 8, bucket: int = 64, offload: bool = False):
+    def __init__(self, path: str, precision: str, seq_length: int, *, kinds: tuple[str, ...] = ("gvm",),
+                 tensor_parallel: Optional[int] = None, rows: int = 8, bucket: int = 64, offload: bool = False):
         from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config
         from nemo_dvpo.models.value_model import build_value_model, canonical_length
         from nemo_dvpo.training.offload import move_parameters, offload_enabled
 
-        self.info = gvm_info_from_checkpoint(path)
+        self.info = value_model_info(path, kinds)
         model_cfg = read_checkpoint_model_config(path)
         self.groups = None if tensor_parallel is None else _own_groups(model_cfg, tensor_parallel)
         # Built for a multiple of ``bucket``: every sequence up to ``seq_length`` has its canonical shape.
@@ -136,6 +139,18 @@ class LocalGVM:
         with offloaded(self.model, enabled=self.offload):
             return sequence_values(self.model, tokens, lengths, rows=self.rows, bucket=self.bucket,
                                    pg_collection=self.groups)
+
+
+class RewardScorer:
+    """A reward model's scores: the value of each sequence's last token (``lengths - 1``), one per row."""
+
+    def __init__(self, scorer: ValueScorer):
+        self.scorer = scorer
+        self.info = scorer.info
+
+    def scores(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        values = self.scorer.values(tokens, lengths)
+        return values.gather(1, (lengths.to(values.device) - 1).clamp(min=0)[:, None]).squeeze(1)
 
 
 def _own_groups(model_cfg, tensor_parallel: int):

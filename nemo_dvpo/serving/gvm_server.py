@@ -408,6 +408,12 @@ def make_handler(service: ValueService, model_metadata: Callable[[], dict], read
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 resets the connections of a burst of concurrent clients.
+    request_queue_size = 512
+    daemon_threads = True
+
+
 class HTTPFront:
     """The HTTP server in background threads; the service's model loop stays in the calling thread."""
 
@@ -417,10 +423,9 @@ class HTTPFront:
         self.in_flight = InFlight()
         handler = make_handler(service, model_metadata, self.ready, token, self.in_flight)
         try:
-            self.httpd = ThreadingHTTPServer((host, port), handler)
+            self.httpd = _Server((host, port), handler)
         except OSError as error:
             raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
-        self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                        name="gvm-http", daemon=True)
@@ -525,11 +530,12 @@ def serve(cfg: ServeGVMConfig, stop) -> None:
     from megatron.core import parallel_state
 
     from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config
-    from nemo_dvpo.rlhf.scorers import LocalGVM, gvm_info_from_checkpoint
+    from nemo_dvpo.rlhf.scorers import LocalValueModel, value_model_info
     from nemo_dvpo.utils.distributed import initialize_distributed, print_rank_zero
 
     token = server_token(cfg.server)
-    info = gvm_info_from_checkpoint(cfg.gvm)  # a wrong path fails before anything else starts
+    # A wrong path fails before anything else starts; a reward model serves as well as a GVM.
+    info = value_model_info(cfg.gvm, kinds=("gvm", "reward_model"))
     model_cfg = read_checkpoint_model_config(cfg.gvm)
     initialize_distributed(cfg.parallel, num_attention_heads=model_cfg.num_attention_heads,
                            num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
@@ -548,7 +554,8 @@ def serve(cfg: ServeGVMConfig, stop) -> None:
                           token)
         front.start()  # live at once, ready once the model is loaded
         print(f"[serve_gvm] listening on http://{cfg.server.host}:{front.port} (model loading)", flush=True)
-    gvm = LocalGVM(cfg.gvm, cfg.precision, max_length, rows=cfg.server.rows, bucket=cfg.server.bucket)
+    gvm = LocalValueModel(cfg.gvm, cfg.precision, max_length, kinds=("gvm", "reward_model"), rows=cfg.server.rows,
+                          bucket=cfg.server.bucket)
     runner = ModelParallelScorer(gvm, scorer_group, leader)
     if not is_leader:
         runner.follow()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -64,3 +66,32 @@ def progress_bar(total: int, initial: int = 0, description: str = ""):
 
     return tqdm(total=total, initial=initial, desc=description, disable=not is_rank_zero(),
                 dynamic_ncols=True, file=sys.stderr)
+
+
+class PhaseTimer:
+    """Wall time of a step (``time/step_s``, from the timer's creation) and of its phases
+    (``time/<phase>_s``): ``with timer("generation"): ...``."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def metrics(self, generated_tokens=None) -> dict[str, float]:
+        """The phases' times, the generation throughput (given the step's generated tokens) and peak memory."""
+        metrics = {f"time/{phase}_s": seconds for phase, seconds in self.seconds.items()}
+        metrics["time/step_s"] = time.perf_counter() - self.started
+        if generated_tokens is not None and self.seconds.get("generation"):
+            metrics["perf/generated_tokens_per_s"] = float(generated_tokens) / self.seconds["generation"]
+        metrics["perf/peak_memory_mib"] = peak_memory_mib()
+        if torch.cuda.is_available():
+            # What the caching allocator holds: the figure that decides whether a larger batch fits.
+            metrics["perf/peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+        return metrics

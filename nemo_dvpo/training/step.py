@@ -59,6 +59,19 @@ def reduce_metrics(per_micro_batch: list[dict[str, torch.Tensor]]) -> dict[str, 
     return dict(zip(keys, values.cpu().tolist()))
 
 
+def _metrics_apart(output, loss_func):
+    """The forward step's output with a loss function whose metrics do not share memory with the loss.
+
+    megatron-core's schedule divides the returned loss by the number of micro-batches *in place*; a metric
+    logged as ``loss.detach()`` is a view of the same storage and would be divided with it.
+    """
+    def loss_with_own_metrics(output_tensor):
+        loss, metrics = loss_func(output_tensor)
+        return loss, {name: value.clone() if torch.is_tensor(value) else value for name, value in metrics.items()}
+
+    return output, loss_with_own_metrics
+
+
 def train_step(model: list[torch.nn.Module], optimizer, scheduler, micro_batches: list,
                forward_step: ForwardStep, seq_length: int, micro_batch_size: int) -> dict[str, float]:
     """Forward + backward over ``micro_batches``, then one optimizer step. Returns reduced metrics.
@@ -73,7 +86,7 @@ def train_step(model: list[torch.nn.Module], optimizer, scheduler, micro_batches
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     per_micro_batch = get_forward_backward_func()(
-        forward_step_func=lambda data_iterator, chunk: forward_step(next(data_iterator), chunk),
+        forward_step_func=lambda data_iterator, chunk: _metrics_apart(*forward_step(next(data_iterator), chunk)),
         data_iterator=iter(micro_batches),
         model=model,
         num_microbatches=len(micro_batches),

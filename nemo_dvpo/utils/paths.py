@@ -34,11 +34,16 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
-def check_output_file(path: str | Path, what: str = "output file") -> Path:
-    """A file we may write (its folder exists or can be created; it is not a folder)."""
+def check_output_file(path: str | Path, what: str = "output file", overwrite: Optional[bool] = None) -> Path:
+    """A file we may write (its folder exists or can be created; it is not a folder).
+
+    ``overwrite=False`` also refuses an existing file (the tool's ``--overwrite`` replaces it).
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         raise NemoDvpoError(f"{what} {path} is a folder; expected a file path")
+    if path.exists() and overwrite is False:
+        raise NemoDvpoError(f"{what} {path} exists; pass --overwrite to replace it")
     if path.exists():
         if not os.access(path, os.W_OK):
             raise NemoDvpoError(f"{what} {path} is not writable")
@@ -63,3 +68,15 @@ def check_replaceable_dir(path: str | Path, overwrite: bool, is_ours: Callable[[
             raise NemoDvpoError(f"{what} {path} holds files that nemo_dvpo did not write; refusing to replace "
                                 f"it even with {option} - choose another path or empty it yourself")
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader (or a crash) sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        staging.write_text(text)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)

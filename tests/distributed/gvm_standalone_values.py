@@ -37,14 +37,16 @@ def main() -> None:
     standalone = build_value_model(model_cfg, init_from=checkpoint, pg_collection=groups)
     actual = token_values(standalone, tokens, micro_batch_size=2, pg_collection=groups)
 
-    max_diff = torch.tensor([(actual - expected).abs().max().item() if actual.shape == expected.shape else float("inf")])
+    same_shape = actual.shape == expected.shape
+    max_diff = torch.tensor([(actual - expected).abs().max().item() if same_shape else float("inf")])
     dist.all_reduce(max_diff, op=dist.ReduceOp.MAX)
     gpt = unwrap_model(standalone[0])
     write_result({
         "max_abs_diff": max_diff.item(),
         "value_scale": expected.abs().max().item(),
         "gvm_qkv_rows": gpt.decoder.layers[0].self_attention.linear_qkv.weight.shape[0],
-        "global_qkv_rows": unwrap_model(at_global_layout[0]).decoder.layers[0].self_attention.linear_qkv.weight.shape[0],
+        "global_qkv_rows":
+            unwrap_model(at_global_layout[0]).decoder.layers[0].self_attention.linear_qkv.weight.shape[0],
     })
 
 

@@ -1,0 +1,96 @@
+"""GRPO (Shao et al. 2024): several responses per prompt, advantages relative to the prompt's group, no critic.
+
+Three models take part: the policy (trains), a frozen reference and a frozen reward model. Per step,
+``GRPORecipe.train()``:
+
+    1. the step's prompts, each ``rollout.samples_per_prompt`` times;  2. rollout;  3. reference log-probs
+    and reward-model scores, once per rollout;  4. each response's score standardised within its prompt's
+    group, at every one of its tokens;  5. PPO epochs of the clipped surrogate with the KL as a loss term
+    (``beta * k3``);  6. the KL controller, metrics.
+
+The advantages are :mod:`nemo_dvpo.algorithms.grpo`; the loss :func:`~nemo_dvpo.algorithms.dvpo.policy_loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from nemo_dvpo.algorithms.grpo import group_advantages, token_advantages
+from nemo_dvpo.recipes.config import parse_recipe_config
+from nemo_dvpo.rlhf.config import PolicyRunConfig, RolloutConfig
+from nemo_dvpo.rlhf.policy_run import PolicyRun
+from nemo_dvpo.rlhf.scorers import RewardScorer
+from nemo_dvpo.rlhf.trajectory import Trajectory
+from nemo_dvpo.training.stopping import GracefulStop
+from nemo_dvpo.utils.errors import ConfigError
+
+
+@dataclass
+class GRPORecipeConfig(PolicyRunConfig):
+    run_dir: str = "runs/grpo"
+    # The frozen reward model (examples/train_reward_model.py's final/).
+    reward_model: str = ""
+    # Groups of 4 responses per prompt.
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(samples_per_prompt=4))
+
+    def __post_init__(self) -> None:
+        if not self.reward_model:
+            raise ConfigError("reward_model=PATH is required: a trained reward model (examples/train_reward_model.py)")
+        if self.rollout.samples_per_prompt < 2:
+            raise ConfigError("GRPO compares responses to the same prompt: rollout.samples_per_prompt must be >= 2")
+        if self.kl.placement == "reward":
+            raise ConfigError("GRPO pays the KL as a loss term (kl.placement=auto or loss)")
+
+
+class GRPORecipe:
+    """``__init__`` wires config -> policy run and reward model; ``train()`` is the algorithm."""
+
+    def __init__(self, cfg: GRPORecipeConfig, stop: Optional[GracefulStop] = None):
+        self.cfg = cfg
+        self.run = run = PolicyRun(cfg, "grpo", stop)
+        self.reward_model = RewardScorer(run.frozen_value_model(cfg.reward_model, kinds=("reward_model",)))
+        run.load_prompts()
+        run.build_policy()
+        run.resume()
+
+    def train(self) -> dict:
+        cfg, run = self.cfg, self.run
+        with run.stopping():
+            run.evaluate_before()
+            for step in run.steps(postfix=("rollout/score", "rollout/kl", "train/clip_fraction")):
+                timer = run.phase_timer()
+                # 1. the step's prompts, each repeated for its group
+                prompt_ids, records = run.step_prompts(step)
+                # 2. rollout: a group of responses per prompt from the current policy
+                with timer("generation"):
+                    sample = run.sample(step, prompt_ids)
+                # 3. once over the rollout: reference log-probs, reward-model scores
+                with timer("reference_forward"):
+                    ref_logprobs = run.reference_logprobs(sample)
+                with timer("reward_forward"):
+                    scores = self.reward_model.scores(sample.tokens, sample.sequence_lengths)
+                # 4. group-relative advantages, at every token of each response
+                advantages = token_advantages(group_advantages(scores, cfg.rollout.samples_per_prompt),
+                                              sample.response_mask)
+                trajectory = Trajectory(sample.tokens, sample.response_mask, sample.sequence_lengths,
+                                        sample.old_logprobs, ref_logprobs, scores[:, None] * sample.response_mask,
+                                        advantages)
+                metrics = run.rollout_metrics(sample, trajectory, records, values_name="score")
+                metrics["rollout/score"] = metrics.pop("rollout/score_last_token")
+                metrics.pop("rollout/score_mean")
+                # 5. PPO epochs of the clipped surrogate, the KL to the reference as a loss term
+                with timer("update"):
+                    metrics |= {f"train/{name}": value for name, value in
+                                run.update_policy(step, trajectory, cfg.ppo, run.kl_controller.value).items()}
+                # 6. the KL controller; metrics (a checkpoint, or a stop, follows the step)
+                run.kl_controller.update(metrics["rollout/kl"], n_steps=cfg.rollout.sequences_per_step)
+                run.log(step, metrics | timer.metrics(run.data_parallel.sum(sample.response_mask.sum())))
+            return run.finish({"reward_model": cfg.reward_model}, metadata={"reward_model": cfg.reward_model})
+
+    def cleanup(self) -> None:
+        self.run.cleanup()
+
+
+def parse_config(cfg) -> GRPORecipeConfig:
+    return parse_recipe_config(cfg, GRPORecipeConfig, "grpo")

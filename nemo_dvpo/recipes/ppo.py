@@ -1,0 +1,178 @@
+"""PPO with a reward model and a trained critic (Ouyang et al. 2022), built from the same parts as DVPO.
+
+Four models take part: the policy and the critic train (each with its own optimizer and schedule); the
+reference and the reward model are frozen. The critic starts from the reward model (or from a GVM, or any
+value-model checkpoint), as in InstructGPT. Per step, ``PPORecipe.train()``:
+
+    1. the step's prompts;  2. rollout;  3. reference log-probs, reward-model scores and the critic's values,
+    once per rollout;  4. rewards (the score at the last token, the KL per token) and GAE advantages and
+    returns;  5. critic epochs on the clipped value loss, then (after the critic's warm-up steps) policy
+    epochs on PPO's clipped surrogate;  6. the KL controller, metrics (explained variance included).
+
+The equations are :mod:`nemo_dvpo.algorithms.ppo`; the policy's loss is :func:`~nemo_dvpo.algorithms.dvpo.
+policy_loss`. Policy and critic are checkpointed together and resume exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from nemo_dvpo.algorithms.ppo import explained_variance, gae, ppo_rewards, state_values, value_loss
+from nemo_dvpo.checkpointing.model_checkpoint import load_hf_config_from_checkpoint, read_checkpoint_model_config
+from nemo_dvpo.checkpointing.train_checkpoint import TrainedModel
+from nemo_dvpo.models.value_model import build_value_model, token_values
+from nemo_dvpo.recipes.config import parse_recipe_config
+from nemo_dvpo.rlhf.config import PolicyRunConfig, PolicyUpdateConfig
+from nemo_dvpo.rlhf.policy_run import PolicyRun
+from nemo_dvpo.rlhf.scorers import RewardScorer
+from nemo_dvpo.rlhf.trajectory import Trajectory
+from nemo_dvpo.rlhf.update import MiniBatchSchedule, ValueOutputs, minibatch_update
+from nemo_dvpo.training.optim import OptimConfig, build_optimizer, ddp_config_for
+from nemo_dvpo.training.step import configure_for_training
+from nemo_dvpo.training.stopping import GracefulStop
+from nemo_dvpo.utils.errors import ConfigError
+
+
+@dataclass
+class PPOUpdateConfig(PolicyUpdateConfig):
+    # GAE's discount and lambda.
+    gamma: float = 1.0
+    lam: float = 0.95
+
+
+@dataclass
+class CriticConfig:
+    # The critic's starting weights: a value-model checkpoint (reward model or GVM); null: the reward model.
+    init_from: Optional[str] = None
+    # Its own optimizer and schedule.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_steps=0, decay_style="constant"))
+    # PPO's value clip around the rollout's values (null: the plain squared error).
+    value_clip: Optional[float] = 0.2
+    # Steps at the start in which only the critic trains (the policy waits for useful advantages).
+    warmup_steps: int = 0
+    # Passes over each rollout for the critic (mini- and micro-batch sizes are the policy's).
+    epochs: int = 4
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0 or self.epochs < 1:
+            raise ConfigError("critic.warmup_steps must be >= 0 and critic.epochs >= 1")
+
+
+@dataclass
+class PPORecipeConfig(PolicyRunConfig):
+    run_dir: str = "runs/ppo"
+    # The frozen reward model (examples/train_reward_model.py's final/).
+    reward_model: str = ""
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    ppo: PPOUpdateConfig = field(default_factory=PPOUpdateConfig)
+
+    def __post_init__(self) -> None:
+        if not self.reward_model:
+            raise ConfigError("reward_model=PATH is required: a trained reward model (examples/train_reward_model.py)")
+        if self.kl.placement == "loss":
+            raise ConfigError("PPO pays the KL in its rewards (kl.placement=auto or reward)")
+
+
+class PPORecipe:
+    """``__init__`` wires config -> policy run, reward model, critic; ``train()`` is the algorithm."""
+
+    def __init__(self, cfg: PPORecipeConfig, stop: Optional[GracefulStop] = None):
+        self.cfg = cfg
+        self.run = run = PolicyRun(cfg, "ppo", stop)
+        self.reward_model = RewardScorer(run.frozen_value_model(cfg.reward_model, kinds=("reward_model",)))
+        run.load_prompts()
+        run.build_policy()
+        mini_batches = cfg.rollout.sequences_per_step // cfg.ppo.mini_batch_size
+        self.critic = self.build_critic(cfg.critic.init_from or cfg.reward_model, cfg.critic.epochs * mini_batches)
+        run.add_trained_model("critic", self.critic)
+        run.resume()
+
+    def build_critic(self, init_from: str, updates_per_step: int) -> TrainedModel:
+        cfg, run = self.cfg, self.run
+        model_cfg = dataclasses.replace(read_checkpoint_model_config(init_from), precision=run.policy_cfg.precision)
+        if model_cfg.vocab_size != run.policy_cfg.vocab_size:
+            raise ConfigError(f"critic.init_from={init_from} has vocabulary size {model_cfg.vocab_size}, the policy "
+                              f"{run.policy_cfg.vocab_size}")
+        model = build_value_model(model_cfg, init_from=init_from, wrap_with_ddp=True,
+                                  ddp_config=ddp_config_for(cfg.critic.optim), seq_length=run.seq_length)
+        optimizer, scheduler = build_optimizer(model, cfg.critic.optim, cfg.train.steps * updates_per_step)
+        configure_for_training(model, optimizer)
+        return TrainedModel(model, optimizer, scheduler, model_cfg, load_hf_config_from_checkpoint(init_from),
+                            kind="critic")
+
+    # -- the algorithm -------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        cfg, run = self.cfg, self.run
+        with run.stopping():
+            run.evaluate_before()
+            for step in run.steps(postfix=("rollout/score", "rollout/kl", "train/critic_explained_variance")):
+                timer = run.phase_timer()
+                # 1. the step's prompts (this rank's share)
+                prompt_ids, records = run.step_prompts(step)
+                # 2. rollout: sample responses from the current policy
+                with timer("generation"):
+                    sample = run.sample(step, prompt_ids)
+                # 3. one pass each over the rollout: reference log-probs, reward-model scores, critic values
+                with timer("reference_forward"):
+                    ref_logprobs = run.reference_logprobs(sample)
+                with timer("reward_forward"):
+                    scores = self.reward_model.scores(sample.tokens, sample.sequence_lengths)
+                with timer("critic_forward"):
+                    values = state_values(token_values(self.critic.model, sample.tokens,
+                                                       micro_batch_size=cfg.rollout.forward_micro_batch_size))
+                # 4. rewards (score at the end, KL per token) and GAE over the critic's state values
+                rewards = ppo_rewards(scores, sample.old_logprobs, ref_logprobs, sample.response_mask,
+                                      run.kl_controller.value)
+                advantages = gae(rewards, values, sample.response_mask, cfg.ppo.gamma, cfg.ppo.lam,
+                                 group=run.data_parallel.group)
+                trajectory = Trajectory(sample.tokens, sample.response_mask, sample.sequence_lengths,
+                                        sample.old_logprobs, ref_logprobs, values * sample.response_mask,
+                                        advantages.advantages, advantages.returns)
+                metrics = run.rollout_metrics(sample, trajectory, records, values_name="critic_value")
+                metrics["rollout/score"] = float(run.data_parallel.mean({"s": float(scores.mean())})["s"])
+                # 5. critic epochs, then policy epochs once the critic has warmed up
+                with timer("critic_update"):
+                    metrics |= self.update_critic(step, trajectory)
+                if step >= cfg.critic.warmup_steps:
+                    with timer("update"):
+                        metrics |= {f"train/{name}": value
+                                    for name, value in run.update_policy(step, trajectory, cfg.ppo, 0.0).items()}
+                # 6. the KL controller; metrics (a checkpoint, or a stop, follows the step)
+                run.kl_controller.update(metrics["rollout/kl"], n_steps=cfg.rollout.sequences_per_step)
+                run.log(step, metrics | timer.metrics(run.data_parallel.sum(sample.response_mask.sum())))
+            return run.finish({"reward_model": cfg.reward_model,
+                               "critic_init": cfg.critic.init_from or cfg.reward_model},
+                              metadata={"reward_model": cfg.reward_model})
+
+    def update_critic(self, step: int, trajectory: Trajectory) -> dict[str, float]:
+        cfg, critic = self.cfg, self.critic
+
+        def loss(outputs: dict[str, torch.Tensor], batch: Trajectory, global_tokens: torch.Tensor):
+            values = state_values(outputs["values"])
+            value = value_loss(values, batch.values, batch.returns, batch.response_mask, cfg.critic.value_clip,
+                               token_count=global_tokens)
+            with torch.no_grad():
+                logged = {"critic_loss": value_loss(values, batch.values, batch.returns, batch.response_mask,
+                                                    cfg.critic.value_clip),
+                          "critic_explained_variance": torch.tensor(explained_variance(
+                              values.detach(), batch.returns, batch.response_mask))}
+            return value, logged
+
+        schedule = MiniBatchSchedule(cfg.critic.epochs, cfg.ppo.mini_batch_size, cfg.ppo.micro_batch_size)
+        metrics = minibatch_update(critic.model, critic.optimizer, critic.scheduler, trajectory, loss,
+                                   outputs=ValueOutputs(), schedule=schedule, data_parallel=self.run.data_parallel,
+                                   seed=(cfg.train.seed, "critic", step))
+        return {f"train/{name}" if name.startswith("critic") else f"train/critic_{name}": value
+                for name, value in metrics.items()}
+
+    def cleanup(self) -> None:
+        self.run.cleanup()
+
+
+def parse_config(cfg) -> PPORecipeConfig:
+    return parse_recipe_config(cfg, PPORecipeConfig, "ppo")

@@ -1,0 +1,148 @@
+"""Settings every on-policy RL recipe shares (DVPO, PPO, GRPO): prompts, rollout, the PPO-style update, the KL
+to the reference, evaluation, the step schedule, and where the run lives. Each field's default is here and
+only here; a recipe's config extends :class:`PolicyRunConfig` with what is its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from nemo_dvpo.inference.generation import SamplingConfig
+from nemo_dvpo.models.config import ModelConfig
+from nemo_dvpo.training.optim import OptimConfig
+from nemo_dvpo.utils.distributed import ParallelConfig
+from nemo_dvpo.utils.errors import ConfigError
+
+
+@dataclass
+class PromptDataConfig:
+    # RL prompts: JSONL records with "prompt" (verifiable fields make the rollouts' scores loggable).
+    train: str = "data/smollm2_ifeval/prompts.jsonl"
+    # Keep only records whose "split" field is this (null: every record).
+    train_split: Optional[str] = "train"
+    # Held-out verifiable prompts whose greedy answers are scored before and after training (null: none).
+    eval: Optional[str] = "data/smollm2_ifeval/prompts_heldout.jsonl"
+    eval_split: Optional[str] = None
+    # Longer prompts (after the chat template) are skipped and counted.
+    max_prompt_tokens: int = 192
+    # Prompts go through the tokenizer's chat template (a GVM or reward model must have seen the same).
+    chat_template: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    # Prompts per step over all data-parallel ranks, and responses drawn per prompt.
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 1
+    # How responses are drawn (temperature, top-k / top-p, max_new_tokens, EOS).
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0))
+    # Sequences per forward pass when scoring a rollout (old/reference log-probs, values, rewards).
+    forward_micro_batch_size: int = 8
+    # PPO's old log-probs: "generation" takes those the sampler computed (free; exact when no top-k /
+    # top-p filter reshapes the sampling distribution), "recompute" runs a policy forward pass.
+    old_logprobs: Literal["generation", "recompute"] = "generation"
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step < 1 or self.samples_per_prompt < 1 or self.forward_micro_batch_size < 1:
+            raise ConfigError("rollout.prompts_per_step, rollout.samples_per_prompt and "
+                              "rollout.forward_micro_batch_size must be >= 1")
+        if self.old_logprobs == "generation" and (self.sampling.top_k != 0 or self.sampling.top_p != 1.0):
+            raise ConfigError("rollout.old_logprobs=generation needs rollout.sampling.top_k=0 and top_p=1: with a "
+                              "filter the sampler's log-probs are not the policy's; set rollout.old_logprobs=recompute")
+        if self.sampling.is_greedy:
+            raise ConfigError("rollout.sampling must sample (temperature > 0, greedy=false): PPO needs "
+                              "log-probs of a stochastic policy")
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+@dataclass
+class PolicyUpdateConfig:
+    # Passes over each step's rollout.
+    ppo_epochs: int = 4
+    # Sequences per optimizer step over all data-parallel ranks, and per forward/backward on a rank.
+    mini_batch_size: int = 2
+    micro_batch_size: int = 2
+    # PPO's ratio clip epsilon.
+    clip: float = 0.2
+    # Weight of the entropy bonus (0: none; the entropy is still logged in the first epoch).
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("ppo_epochs", "mini_batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
+        if self.clip <= 0:
+            raise ConfigError(f"ppo.clip must be > 0, got {self.clip}")
+
+
+@dataclass
+class KLConfig:
+    # "adaptive" (Ziegler et al.) or "fixed" coefficient.
+    controller: Literal["adaptive", "fixed"] = "adaptive"
+    init_coef: float = 0.2
+    # Adaptive: the sequence-level KL (sum over response tokens, mean over sequences) steered to,
+    # and the number of sequences over which the coefficient adapts.
+    target: float = 6.0
+    horizon: int = 10000
+    # "reward": -beta * (logp - ref_logp) per token in the reward stream; "loss": beta * k3 added to the
+    # policy loss; "auto": the algorithm's own (DVPO's mode "value" and GRPO: loss; PPO and DVPO "gae": reward).
+    placement: Literal["auto", "reward", "loss"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.init_coef < 0:
+            raise ConfigError(f"kl.init_coef must be >= 0, got {self.init_coef}")
+
+
+@dataclass
+class EvalConfig:
+    # Held-out prompts scored (the first N of data.eval), prompts per generation batch, answer length.
+    num_prompts: int = 64
+    batch_size: int = 32
+    max_new_tokens: int = 160
+    # Score the starting policy, and the final one.
+    before: bool = True
+    after: bool = True
+
+
+@dataclass
+class PolicyTrainConfig:
+    # Policy-optimisation steps (one rollout each).
+    steps: int = 16
+    seed: int = 1234
+    # Checkpoint every N steps, keeping the newest ``keep_last``.
+    save_every: int = 8
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.save_every < 1:
+            raise ConfigError("train.steps and train.save_every must be >= 1")
+
+
+@dataclass
+class PolicyRunConfig:
+    model: ModelConfig
+    # Checkpoints, final/ (policy), hf/ (export), summary.json, metrics.jsonl, tensorboard/ go here.
+    run_dir: str = "runs/policy"
+    # Continue from run_dir/checkpoints/latest; or from the checkpoint ``resume_from``.
+    resume: bool = False
+    resume_from: Optional[str] = None
+    # Start over in a run_dir that already holds a run, removing only that run's own files.
+    overwrite: bool = False
+    # A nemo_dvpo checkpoint to start the policy (and reference) from; null takes model.source.
+    init_from: Optional[str] = None
+    # Keep frozen models (reference, GVM, reward model) in CPU memory except during their forward passes (GPU).
+    offload_frozen_models: bool = False
+    # Export the final policy as a Hugging Face folder (run_dir/hf).
+    export_hf: bool = True
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: PolicyTrainConfig = field(default_factory=PolicyTrainConfig)
+    # The policy's clipped-surrogate updates (a recipe may extend them: DVPO's advantage mode, PPO's GAE).
+    ppo: PolicyUpdateConfig = field(default_factory=PolicyUpdateConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0, decay_style="constant"))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
