@@ -60,7 +60,7 @@ def alpaca_eval_glm_module():
         package.__path__ = [str(Path(list(spec.submodule_search_locations)[0]))]
         package.__package__ = "alpaca_eval"
         sys.modules["alpaca_eval"] = package
-    if importlib.util.find_spec("pkg_resources") is None and "pkg_resources" not in sys.modules:
+    if "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None:
         sys.modules["pkg_resources"] = types.ModuleType("pkg_resources")
     return importlib.import_module("alpaca_eval.metrics.glm_winrate")
 
