@@ -533,3 +533,17 @@ def test_served_greedy_answer_equals_transformers_greedy_generation(smollm2_hf_f
         new_tokens = output[0, ids.shape[1]:].tolist()
         assert replies[prompt].choices[0].message.content == tokenizer.decode(new_tokens, skip_special_tokens=True)
         assert replies[prompt].usage.completion_tokens == len(new_tokens)
+
+
+def test_answers_from_an_openai_compatible_server(tiny_server, tmp_path):
+    out = tmp_path / "served"
+    completed = _run_tool("--answers-from", tiny_server.url, "--benchmarks", "ifeval", "--limit", "2",
+                          "--max-new-tokens", "5", "--output-dir", str(out))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    answers = _records(out / "ifeval" / "answers.jsonl")
+    assert len(answers) == 2
+    for record in answers:
+        assert record["generation"]["source"] == f"http:{tiny_server.url} model=tiny"
+        assert record["generation"]["finish_reason"] == "length" and record["generation"]["completion_tokens"] == 5
+        assert record["answer"]
+    assert json.loads((out / "scores.json").read_text())["ifeval"]["n"] == 2
