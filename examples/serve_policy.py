@@ -12,12 +12,11 @@ then every rank exits.
 """
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from nemo_dvpo.serving.http import serve_main
 from nemo_dvpo.serving.openai_server import ServePolicyConfig, serve
-from nemo_dvpo.training.stopping import GracefulStop
-from nemo_dvpo.utils.config import from_dict, register_defaults
-from nemo_dvpo.utils.distributed import destroy_distributed
+from nemo_dvpo.utils.config import register_defaults
 from nemo_dvpo.utils.errors import exit_on_user_error
 
 register_defaults("serve_policy_defaults", ServePolicyConfig)
@@ -26,12 +25,7 @@ register_defaults("serve_policy_defaults", ServePolicyConfig)
 @hydra.main(config_path="../conf", config_name="serve_policy", version_base=None)
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    raw.pop("hydra", None)
-    config = from_dict(ServePolicyConfig, raw, "serve_policy")
-    with GracefulStop(action="answering the requests in flight, then exiting") as stop:
-        serve(config, stop)
-    destroy_distributed()
+    serve_main(cfg, ServePolicyConfig, "serve_policy", serve)
 
 
 if __name__ == "__main__":

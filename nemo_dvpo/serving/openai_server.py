@@ -23,23 +23,25 @@ The server binds 127.0.0.1; another host needs a bearer token in ``NEMO_DVPO_POL
 ``server.allow_unauthenticated=true``). Under torchrun or srun, rank 0 of each model-parallel group serves
 (data-parallel replica r on ``server.port + r``) and broadcasts each batch to its group. SIGTERM or Ctrl-C
 answers the requests in flight, then every rank exits.
+
+This module owns the settings, the endpoints, the parsing of a request, the response bodies and the batching
+policy (equal sampling settings, up to a number of replies); the HTTP front and handler plumbing, the request
+queue and its run loop, and the leader/follower loop across model-parallel ranks are
+:mod:`nemo_dvpo.serving.http`'s, shared with the GVM server.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
-import queue
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from nemo_dvpo.inference.completion import Completion, CompletionRequest, complete, room_for_reply
 from nemo_dvpo.inference.generation import SamplingConfig
-from nemo_dvpo.serving.gvm_server import InFlight, server_token
+from nemo_dvpo.serving.http import (BatchingService, HTTPFront, JSONHandler, ModelParallelRunner, Pending,
+                                    check_server_settings, model_parallel_group, serve_until_stopped, server_token)
 from nemo_dvpo.serving.kserve import RequestError
 from nemo_dvpo.utils.distributed import ParallelConfig
 from nemo_dvpo.utils.errors import ConfigError
@@ -66,13 +68,7 @@ class PolicyServerConfig:
     request_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"server.port must be in 0..65535, got {self.port}")
-        for name in ("max_batch_rows", "default_max_tokens", "max_body_bytes", "max_n"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"server.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_delay_ms < 0:
-            raise ConfigError(f"server.max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        check_server_settings(self, positive=("max_batch_rows", "default_max_tokens", "max_body_bytes", "max_n"))
 
 
 @dataclass
@@ -216,11 +212,8 @@ def parse_request(kind: str, body: Any, tokenizer, model_name: str, max_length: 
 
 
 @dataclass
-class _Pending:
+class _Pending(Pending):
     request: ParsedRequest
-    done: threading.Event = field(default_factory=threading.Event)
-    completions: Optional[list[Completion]] = None
-    error: Optional[str] = None
 
     @property
     def rows(self) -> list[CompletionRequest]:
@@ -237,85 +230,52 @@ class _Pending:
 CompleteFn = Callable[[list[CompletionRequest], SamplingConfig], list[Completion]]
 
 
-class CompletionService:
-    """Queues parsed requests from HTTP threads; :meth:`run` (the main thread) batches and answers them."""
+class CompletionService(BatchingService):
+    """Queues parsed requests from HTTP threads; :meth:`run` (the main thread) batches and answers them.
+
+    The requests queued within ``max_delay_ms`` of the first are answered in batches of equal sampling
+    settings, each at most ``max_batch_rows`` replies, with ``complete_fn``.
+    """
+
+    what = "reply"
 
     def __init__(self, complete_fn: CompleteFn, config: PolicyServerConfig):
-        self.complete_fn, self.config = complete_fn, config
-        self.queue: queue.Queue[_Pending] = queue.Queue()
-        self.accepting = True
+        super().__init__(config)
+        self.complete_fn = complete_fn
         self.next_seed = 0
         self.batches = 0
 
     def submit(self, request: ParsedRequest) -> list[Completion]:
-        if not self.accepting:
-            raise RequestError(503, "the server is shutting down")
-        pending = _Pending(request)
-        self.queue.put(pending)
-        if not pending.done.wait(self.config.request_timeout_s):
-            raise RequestError(503, f"no reply within server.request_timeout_s={self.config.request_timeout_s}")
-        if pending.error is not None:
-            raise RequestError(500, pending.error)
-        return pending.completions
+        return self._wait_for(_Pending(request))
 
-    def _collect(self, first: _Pending) -> list[_Pending]:
-        """Requests arriving within max_delay_ms of ``first``."""
-        arrived = [first]
-        deadline = time.monotonic() + self.config.max_delay_ms / 1000
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                arrived.append(self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait())
-            except queue.Empty:
-                return arrived
-
-    def process(self, arrived: list[_Pending]) -> None:
-        """Answer ``arrived`` in batches of equal sampling settings, each at most max_batch_rows replies."""
+    def batches_from(self, first: _Pending) -> Iterator[list[_Pending]]:
         groups: dict[tuple, list[_Pending]] = {}
-        for pending in arrived:
+        for pending in [first, *self._arrivals()]:
             groups.setdefault(pending.batch_key, []).append(pending)
         for group in groups.values():
             batch: list[_Pending] = []
             for pending in group:
                 if batch and sum(len(p.rows) for p in batch) + len(pending.rows) > self.config.max_batch_rows:
-                    self._run(batch)
+                    yield batch
                     batch = []
                 batch.append(pending)
-            self._run(batch)
+            yield batch
 
-    def _run(self, batch: list[_Pending]) -> None:
+    def answer(self, batch: list[_Pending]) -> list[list[Completion]]:
         rows = [row for pending in batch for row in pending.rows]
         sampling = batch[0].request.sampling
         if not batch[0].request.seeded:
             sampling = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, greedy=sampling.greedy,
                                       seed=self.next_seed)
             self.next_seed += 1
-        try:
-            completions, error = self.complete_fn(rows, sampling), None
-        except Exception as exc:  # the model failed on this batch: answer 500, keep serving
-            completions, error = None, f"the model failed on this batch: {type(exc).__name__}: {exc}"
         self.batches += 1
-        start = 0
+        completions = self.complete_fn(rows, sampling)
+        answers, start = [], 0
         for pending in batch:
             count = len(pending.rows)
-            if error is None:
-                pending.completions = completions[start:start + count]
-            pending.error = error
+            answers.append(completions[start:start + count])
             start += count
-            pending.done.set()
-
-    def run(self, stopping: Callable[[], bool]) -> None:
-        """Serve until ``stopping()``; then stop accepting and answer what is queued."""
-        while True:
-            try:
-                first = self.queue.get(timeout=0.05)
-            except queue.Empty:
-                if stopping():
-                    self.accepting = False
-                    if self.queue.empty():
-                        return
-                continue
-            self.process(self._collect(first))
+        return answers
 
 
 # -- responses ---------------------------------------------------------------------------------------------
@@ -344,8 +304,8 @@ def stream_events(request: ParsedRequest, body: dict) -> bytes:
     for choice in body["choices"]:
         if request.kind == "chat":
             base["object"] = "chat.completion.chunk"
-            content = {"index": choice["index"], "delta": {"role": "assistant", "content": choice["message"]["content"]},
-                       "logprobs": None, "finish_reason": None}
+            delta = {"role": "assistant", "content": choice["message"]["content"]}
+            content = {"index": choice["index"], "delta": delta, "logprobs": None, "finish_reason": None}
             finish = {"index": choice["index"], "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"]}
         else:
             base["object"] = "text_completion"
@@ -359,43 +319,22 @@ def stream_events(request: ParsedRequest, body: dict) -> bytes:
 # -- HTTP --------------------------------------------------------------------------------------------------
 
 
-def make_handler(service: CompletionService, tokenizer, model_name: str, max_length: int,
-                 ready: threading.Event, token: Optional[str], in_flight: InFlight):
+def make_handler(service: CompletionService, tokenizer, model_name: str, max_length: int, token: Optional[str]):
+    """A request handler class bound to ``service`` and the served model."""
     config = service.config
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class Handler(JSONHandler):
         server_version = "nemo_dvpo-policy"
+        bearer_token = token
+        max_body_bytes = config.max_body_bytes
 
-        def log_message(self, format, *args):  # no line per request
-            return
-
-        def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, status: int, payload: dict) -> None:
-            self._send(status, json.dumps(payload).encode())
-
-        def _error(self, status: int, message: str) -> None:
+        def _error_payload(self, status: int, message: str) -> dict:
             kind = {401: "authentication_error", 404: "not_found_error"}.get(
                 status, "invalid_request_error" if status < 500 else "server_error")
-            self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
-
-        def _authorized(self) -> bool:
-            if token is None:
-                return True
-            given = self.headers.get("Authorization", "")
-            if given.startswith("Bearer ") and hmac.compare_digest(given[len("Bearer "):], token):
-                return True
-            self._error(401, "missing or wrong bearer token (Authorization: Bearer ...)")
-            return False
+            return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            path = self.path.split("?", 1)[0].rstrip("/")
+            path, ready = self._path(), self.server.ready
             if path == "/health":
                 return self._json(200 if ready.is_set() and service.accepting else 503, {"ready": ready.is_set()})
             if not self._authorized():
@@ -406,28 +345,16 @@ def make_handler(service: CompletionService, tokenizer, model_name: str, max_len
                      "max_model_len": max_length}]})
             return self._error(404, f"no such endpoint: GET {path}")
 
-        def do_POST(self) -> None:  # noqa: N802
-            with in_flight:
-                self._post()
-
         def _post(self) -> None:
-            path = self.path.split("?", 1)[0].rstrip("/")
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                return self._error(411, "a request body needs a Content-Length header")
-            if int(length) > config.max_body_bytes:
-                self.close_connection = True  # the body is not read
-                return self._error(413, f"the request body has {length} bytes, over the limit of "
-                                        f"{config.max_body_bytes} (server.max_body_bytes)")
-            raw = self.rfile.read(int(length))
-            if not self._authorized():
+            path = self._path()
+            raw = self._read_body()
+            if raw is None or not self._authorized():
                 return None
             kinds = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
             if path not in kinds:
                 return self._error(404, f"no such endpoint: POST {path}")
             try:
-                if not ready.is_set():
+                if not self.server.ready.is_set():
                     raise RequestError(503, "the model is still loading")
                 try:
                     body = json.loads(raw)
@@ -439,72 +366,14 @@ def make_handler(service: CompletionService, tokenizer, model_name: str, max_len
                 return self._error(error.status, str(error))
             payload = response_body(request, completions, model_name)
             if request.stream:
-                return self._send(200, stream_events(request, payload), "text/event-stream")
+                return self._send(200, stream_events(request, payload), {"Content-Type": "text/event-stream"})
             return self._json(200, payload)
 
     return Handler
 
 
-class HTTPFront:
-    """The HTTP server in background threads; the model loop stays in the calling thread."""
-
-    def __init__(self, handler, host: str, port: int):
-        try:
-            self.httpd = ThreadingHTTPServer((host, port), handler)
-        except OSError as error:
-            raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name="policy-http", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def close(self, in_flight: InFlight, timeout: float = 30.0) -> None:
-        """Stop accepting connections, then wait (up to ``timeout``) for the answers being sent."""
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        in_flight.wait_idle(timeout)
-
-
-# -- the multi-rank model loop ---------------------------------------------------------------------------
-
-
-class ModelParallelCompleter:
-    """Completes on the leader of a model-parallel group; the group's other ranks follow its broadcasts."""
-
-    def __init__(self, policy, group, leader: int):
-        self.policy, self.group, self.leader = policy, group, leader
-
-    def _broadcast(self, payload: Any) -> Any:
-        import torch.distributed as dist
-
-        if self.group is None:
-            return payload
-        box = [payload]
-        dist.broadcast_object_list(box, src=self.leader, group=self.group)
-        return box[0]
-
-    def complete(self, rows: list[CompletionRequest], sampling: SamplingConfig) -> list[Completion]:
-        self._broadcast(("complete", rows, sampling))
-        return complete(self.policy, rows, sampling)
-
-    def stop_followers(self) -> None:
-        self._broadcast(("stop", None, None))
-
-    def follow(self) -> None:
-        """A follower's loop: run each batch the leader broadcasts, until it says stop."""
-        while True:
-            kind, rows, sampling = self._broadcast(None)
-            if kind == "stop":
-                return
-            complete(self.policy, rows, sampling)
-
-
 def serve(cfg: ServePolicyConfig, stop) -> None:
     """Load the policy at the configured layout and serve it until ``stop`` is requested (then all ranks exit)."""
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from nemo_dvpo.inference.policy import load_policy, policy_model_config
@@ -513,26 +382,18 @@ def serve(cfg: ServePolicyConfig, stop) -> None:
     policy_model_config(cfg.policy)  # a wrong model fails before the port is taken
     policy = load_policy(cfg.policy, cfg.parallel, max_length=cfg.max_sequence_length, precision=cfg.precision,
                          name=cfg.served_model_name)
-    group = parallel_state.get_model_parallel_group()
-    members = dist.get_process_group_ranks(group)
-    leader = members[0]
-    completer = ModelParallelCompleter(policy, group if len(members) > 1 else None, leader)
-    if dist.get_rank() != leader:
-        completer.follow()
+    runner = ModelParallelRunner(lambda rows, sampling: complete(policy, rows, sampling), *model_parallel_group())
+    if not runner.is_leader:
+        runner.follow()
         return
-    service = CompletionService(completer.complete, cfg.server)
-    ready, in_flight = threading.Event(), InFlight()
-    handler = make_handler(service, policy.tokenizer, policy.name, policy.max_length, ready, token, in_flight)
+    service = CompletionService(runner, cfg.server)
+    handler = make_handler(service, policy.tokenizer, policy.name, policy.max_length, token)
     port = cfg.server.port + parallel_state.get_data_parallel_rank() if cfg.server.port else 0
-    front = HTTPFront(handler, cfg.server.host, port)
+    front = HTTPFront(handler, cfg.server.host, port, name="policy-http")
     front.start()
-    ready.set()
+    front.ready.set()
     layout = f"TP={cfg.parallel.tensor_model_parallel_size}, PP={cfg.parallel.pipeline_model_parallel_size}"
     print(f"[serve_policy] serving {policy.name!r} ({policy.max_length} tokens, {layout}) on "
           f"http://{cfg.server.host}:{front.port}/v1", flush=True)
-    try:
-        service.run(lambda: stop.requested)
-    finally:
-        front.close(in_flight)
-        completer.stop_followers()
+    serve_until_stopped(service, front, runner, stop)
     print(f"[serve_policy] stopped by {stop.signal_name}: every request in flight was answered", flush=True)
