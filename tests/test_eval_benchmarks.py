@@ -13,60 +13,26 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import REPO_ROOT, SMOLLM2_SOURCE, entry_point_env
+from tests.conftest import REPO_ROOT, SMOLLM2_SOURCE, ServerProcess, entry_point_env
 
 TOOL = [sys.executable, "tools/eval_benchmarks.py"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class PolicyServer:
-    """``examples/serve_policy.py`` in a subprocess on a free loopback port."""
+class PolicyServer(ServerProcess):
+    """``examples/serve_policy.py`` in a subprocess on a free loopback port; ``url`` is its OpenAI base URL."""
 
     def __init__(self, *overrides: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"policy_server_{self.port}.log", "w+")
-        self.process = subprocess.Popen([sys.executable, "examples/serve_policy.py", f"server.port={self.port}",
-                                         *overrides], cwd=REPO_ROOT, env=_env(), stdout=self.log,
-                                        stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300) -> "PolicyServer":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.process.poll() is None, self.output()
-            try:
-                with urllib.request.urlopen(self.url.removesuffix("/v1") + "/health", timeout=2):
-                    return self
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.2)
-        raise AssertionError("the policy server did not become ready:\n" + self.output())
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
+        super().__init__("examples/serve_policy.py", *overrides, ready_path="/health", url_path="/v1",
+                         name="policy_server", env=_env())
 
 
 def _env() -> dict:
