@@ -9,12 +9,11 @@ its dataclasses (conf/serve_gvm.yaml). SIGTERM or Ctrl-C answers the requests in
 """
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from nemo_dvpo.serving.gvm_server import ServeGVMConfig, serve
-from nemo_dvpo.training.stopping import GracefulStop
-from nemo_dvpo.utils.config import from_dict, register_defaults
-from nemo_dvpo.utils.distributed import destroy_distributed
+from nemo_dvpo.serving.http import serve_main
+from nemo_dvpo.utils.config import register_defaults
 from nemo_dvpo.utils.errors import exit_on_user_error
 
 register_defaults("serve_gvm_defaults", ServeGVMConfig)
@@ -23,12 +22,7 @@ register_defaults("serve_gvm_defaults", ServeGVMConfig)
 @hydra.main(config_path="../conf", config_name="serve_gvm", version_base=None)
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    raw.pop("hydra", None)
-    config = from_dict(ServeGVMConfig, raw, "serve_gvm")
-    with GracefulStop(action="answering the requests in flight, then exiting") as stop:
-        serve(config, stop)
-    destroy_distributed()
+    serve_main(cfg, ServeGVMConfig, "serve_gvm", serve)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 """Shared test helpers.
 
 Multi-rank tests run a script from ``tests/distributed/`` under ``torchrun`` (gloo on CPU) and read
-the JSON it writes with :func:`tests.distributed.common.write_result` on rank 0.
+the JSON it writes with :func:`tests.distributed.common.write_result` on rank 0. Server tests run an
+``examples/serve_*.py`` entry point as a :class:`ServerProcess` on a free loopback port.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -42,11 +48,56 @@ def entry_point_env() -> dict:
     return {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """An entry point serving HTTP in a subprocess on a loopback port (a free one unless given).
+
+    It runs ``script server.port=PORT *arguments`` with its output in a log file (:meth:`output`);
+    :meth:`wait_ready` polls ``ready_path`` until it answers, :meth:`stop` sends SIGTERM and returns the exit code.
+    ``url`` is the server's address plus ``url_path``; ``env`` is added to :func:`entry_point_env`.
+    """
+
+    def __init__(self, script: str, *arguments: str, ready_path: str, url_path: str = "", name: str = "server",
+                 port: int | None = None, env: dict | None = None):
+        self.port = port or free_port()
+        self.address = f"http://127.0.0.1:{self.port}"
+        self.url = self.address + url_path
+        self.ready_path, self.name = ready_path, name
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{name}_{self.port}.log", "w+")
+        self.process = subprocess.Popen([sys.executable, script, f"server.port={self.port}", *arguments],
+                                        cwd=REPO_ROOT, env={**entry_point_env(), **(env or {})}, stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.process.poll() is None, self.output()
+            try:
+                with urllib.request.urlopen(self.address + self.ready_path, timeout=2):
+                    return self
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        raise AssertionError(f"the {self.name.replace('_', ' ')} did not become ready:\n" + self.output())
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
 def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
     """Start ``command`` and SIGKILL it as soon as ``run_dir`` has a checkpoint; it must not have finished."""
-    import signal
-    import time
-
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=entry_point_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600

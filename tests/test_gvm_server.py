@@ -10,9 +10,7 @@ checkpoint from which it resumes exactly.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,46 +23,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, entry_point_env
+from tests.conftest import REPO_ROOT, ServerProcess, entry_point_env, free_port
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     """``examples/serve_gvm.py`` in a subprocess; ``url`` once it is ready."""
 
     def __init__(self, gvm: Path, *overrides: str, port: int | None = None, env: dict | None = None):
-        self.port = port or _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"gvm_server_{self.port}.log", "w+")
-        self.process = subprocess.Popen(
-            [sys.executable, "examples/serve_gvm.py", f"gvm={gvm}", f"server.port={self.port}", *overrides],
-            cwd=REPO_ROOT, env={**entry_point_env(), **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300) -> "Server":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.process.poll() is None, self.output()
-            try:
-                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=2):
-                    return self
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.2)
-        raise AssertionError("the server did not become ready:\n" + self.output())
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
+        super().__init__("examples/serve_gvm.py", f"gvm={gvm}", *overrides, ready_path="/v2/health/ready",
+                         name="gvm_server", port=port, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +64,8 @@ def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict
 
 
 def _json_request(tokens, lengths, **changes) -> bytes:
-    inputs = [{"name": "tokens", "shape": list(np.shape(tokens)), "datatype": "INT64", "data": np.asarray(tokens).tolist()},
+    inputs = [{"name": "tokens", "shape": list(np.shape(tokens)), "datatype": "INT64",
+               "data": np.asarray(tokens).tolist()},
               {"name": "lengths", "shape": [len(lengths)], "datatype": "INT64", "data": list(lengths)}]
     for index, change in changes.items():
         inputs[int(index[1:])].update(change)
@@ -319,7 +287,7 @@ def test_dvpo_with_the_served_gvm_logs_the_metrics_of_the_in_process_gvm(server,
 
 def test_a_killed_server_stops_the_actor_at_a_checkpoint_and_a_restart_resumes_it_exactly(
         gvm_dir, in_process_run, tiny_policy_and_gvm, tmp_path):
-    port = _free_port()
+    port = free_port()
     first = Server(gvm_dir, port=port).wait_ready()
     run_dir = tmp_path / "run"
     retries = ("gvm_client.max_retries=2", "gvm_client.backoff_s=0.2", "gvm_client.timeout_s=20")

@@ -23,23 +23,26 @@ the server keeps serving. SIGTERM/SIGINT finish the requests in flight, then eve
 Under torchrun or srun, rank 0 of each model-parallel group serves HTTP (on ``server.port`` plus the
 group's data-parallel rank: data-parallel replicas are separate endpoints) and broadcasts each batch to
 the other ranks of its group, which run the model with it.
+
+This module owns the settings, the endpoints, the validation of a request, the metrics and the batching
+policy (a token budget); the HTTP front and handler plumbing, the request queue and its run loop, and the
+leader/follower loop across model-parallel ranks are :mod:`nemo_dvpo.serving.http`'s, shared with the
+policy server.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
-import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from nemo_dvpo.serving import http
+from nemo_dvpo.serving.http import (BatchingService, JSONHandler, ModelParallelRunner, Pending, check_server_settings,
+                                    model_parallel_group, serve_until_stopped, server_token)
 from nemo_dvpo.serving.kserve import HEADER_LENGTH, RequestError, infer_response, parse_infer_request
 from nemo_dvpo.utils.distributed import ParallelConfig
 from nemo_dvpo.utils.errors import ConfigError
@@ -69,13 +72,7 @@ class ServerConfig:
     bucket: int = 64
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"server.port must be in 0..65535, got {self.port}")
-        for name in ("max_batch_tokens", "max_body_bytes", "rows", "bucket"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"server.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_delay_ms < 0:
-            raise ConfigError(f"server.max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        check_server_settings(self, positive=("max_batch_tokens", "max_body_bytes", "rows", "bucket"))
 
 
 @dataclass
@@ -90,25 +87,6 @@ class ServeGVMConfig:
     def __post_init__(self) -> None:
         if not self.gvm:
             raise ConfigError("gvm=PATH is required: the GVM checkpoint to serve")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def server_token(config: ServerConfig) -> Optional[str]:
-    """The bearer token requests must carry; refuses to serve beyond loopback without one."""
-    token = os.environ.get(config.token_env) or None
-    if token is None and not is_loopback(config.host) and not config.allow_unauthenticated:
-        raise ConfigError(f"server.host={config.host} serves beyond this machine: set a bearer token in the "
-                          f"environment variable {config.token_env} (server.token_env), or pass "
-                          "server.allow_unauthenticated=true on a network you trust")
-    return token
 
 
 # -- metrics -----------------------------------------------------------------------------------------------
@@ -173,29 +151,28 @@ class ServerMetrics:
 
 
 @dataclass
-class _Pending:
+class _Pending(Pending):
     tokens: np.ndarray
     lengths: np.ndarray
-    done: threading.Event = field(default_factory=threading.Event)
-    values: Optional[np.ndarray] = None
-    error: Optional[str] = None
 
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-class ValueService:
+class ValueService(BatchingService):
     """Validates requests, merges concurrent ones into batches and scores them with ``score``.
 
     ``score(tokens, lengths) -> values`` runs in the thread that calls :meth:`run` (the main thread,
-    which alone may talk to the other ranks); HTTP threads only enqueue and wait.
+    which alone may talk to the other ranks); HTTP threads only enqueue and wait. A batch takes the
+    requests queued within ``max_delay_ms`` of its first, up to ``max_batch_tokens`` tokens.
     """
 
+    what = "values"
+
     def __init__(self, score: ScoreFn, vocab_size: int, max_length: int, config: ServerConfig):
-        self.score, self.vocab_size, self.max_length, self.config = score, vocab_size, max_length, config
-        self.queue: queue.Queue[_Pending] = queue.Queue()
+        super().__init__(config)
+        self.score, self.vocab_size, self.max_length = score, vocab_size, max_length
         self.metrics = ServerMetrics()
-        self.accepting = True
 
     def validate(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         if sorted(inputs) != ["lengths", "tokens"]:
@@ -226,33 +203,22 @@ class ValueService:
 
     def submit(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Called from an HTTP thread: wait for this request's values."""
-        if not self.accepting:
-            raise RequestError(503, "the server is shutting down")
-        pending = _Pending(tokens, lengths)
-        self.queue.put(pending)
-        if not pending.done.wait(self.config.request_timeout_s):
-            raise RequestError(503, f"no values within server.request_timeout_s={self.config.request_timeout_s}")
-        if pending.error is not None:
-            raise RequestError(500, pending.error)
-        return pending.values
+        return self._wait_for(_Pending(tokens, lengths))
 
-    def _next_batch(self, first: _Pending) -> list[_Pending]:
+    def batches_from(self, first: _Pending) -> Iterator[list[_Pending]]:
         batch, tokens = [first], int(first.lengths.sum())
-        deadline = time.monotonic() + self.config.max_delay_ms / 1000
-        while tokens < self.config.max_batch_tokens:
-            remaining = deadline - time.monotonic()
-            try:
-                item = self.queue.get(timeout=max(remaining, 0)) if remaining > 0 else self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if tokens + int(item.lengths.sum()) > self.config.max_batch_tokens:
-                self.queue.put(item)  # it starts the next batch
-                break
-            batch.append(item)
-            tokens += int(item.lengths.sum())
-        return batch
+        if tokens < self.config.max_batch_tokens:
+            for item in self._arrivals():
+                if tokens + int(item.lengths.sum()) > self.config.max_batch_tokens:
+                    self.queue.put(item)  # it starts the next batch
+                    break
+                batch.append(item)
+                tokens += int(item.lengths.sum())
+                if tokens >= self.config.max_batch_tokens:
+                    break
+        yield batch
 
-    def process(self, batch: list[_Pending]) -> None:
+    def answer(self, batch: list[_Pending]) -> list[np.ndarray]:
         width = max(item.tokens.shape[1] for item in batch)
         tokens = np.zeros((sum(item.tokens.shape[0] for item in batch), width), dtype=np.int64)
         row = 0
@@ -260,96 +226,32 @@ class ValueService:
             tokens[row:row + item.tokens.shape[0], :item.tokens.shape[1]] = item.tokens
             row += item.tokens.shape[0]
         lengths = np.concatenate([item.lengths for item in batch])
-        try:
-            values = self.score(tokens, lengths)
-            error = None
-        except Exception as exc:  # the model failed on this batch: answer 500, keep serving
-            values, error = None, f"the model failed on this batch: {type(exc).__name__}: {exc}"
         self.metrics.batch(len(lengths))
-        row = 0
+        values = self.score(tokens, lengths)
+        answers, row = [], 0
         for item in batch:
             rows = item.tokens.shape[0]
-            if error is None:
-                item.values = np.ascontiguousarray(values[row:row + rows, :item.tokens.shape[1]], dtype=np.float32)
-            item.error = error
+            answers.append(np.ascontiguousarray(values[row:row + rows, :item.tokens.shape[1]], dtype=np.float32))
             row += rows
-            item.done.set()
-
-    def run(self, stopping: Callable[[], bool]) -> None:
-        """Serve batches until ``stopping()``; then stop accepting and finish what is queued."""
-        while True:
-            try:
-                first = self.queue.get(timeout=0.05)
-            except queue.Empty:
-                if stopping():
-                    self.accepting = False
-                    if self.queue.empty():
-                        return
-                continue
-            self.process(self._next_batch(first))
+        return answers
 
 
 # -- HTTP --------------------------------------------------------------------------------------------------
 
 
-class InFlight:
-    """Counts the requests being answered, so that a shutdown can wait for their responses to be sent."""
-
-    def __init__(self):
-        self.count = 0
-        self.changed = threading.Condition()
-
-    def __enter__(self):
-        with self.changed:
-            self.count += 1
-
-    def __exit__(self, *exc):
-        with self.changed:
-            self.count -= 1
-            self.changed.notify_all()
-        return False
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self.changed:
-            return self.changed.wait_for(lambda: self.count == 0, timeout=timeout)
-
-
-def make_handler(service: ValueService, model_metadata: Callable[[], dict], ready: threading.Event,
-                 token: Optional[str], in_flight: InFlight):
+def make_handler(service: ValueService, model_metadata: Callable[[], dict], token: Optional[str]):
     """A request handler class bound to ``service``."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class Handler(JSONHandler):
         server_version = "nemo_dvpo-gvm"
+        bearer_token = token
+        max_body_bytes = service.config.max_body_bytes
 
-        def log_message(self, format, *args):  # the metrics endpoint counts requests; no line per request
-            return
-
-        def _send(self, status: int, body: bytes, headers: Optional[dict] = None) -> None:
-            self.send_response(status)
-            for name, value in (headers or {"Content-Type": "application/json"}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, status: int, payload: dict) -> None:
-            self._send(status, json.dumps(payload).encode())
-
-        def _error(self, status: int, message: str) -> None:
-            self._json(status, {"error": message})
-
-        def _authorized(self) -> bool:
-            if token is None:
-                return True
-            given = self.headers.get("Authorization", "")
-            if given.startswith("Bearer ") and hmac.compare_digest(given[len("Bearer "):], token):
-                return True
-            self._error(401, "missing or wrong bearer token (Authorization: Bearer ...)")
-            return False
+        def _body_too_large(self) -> None:
+            service.metrics.request(413)
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            path = self.path.split("?", 1)[0].rstrip("/")
+            path, ready = self._path(), self.server.ready
             if path == "/v2/health/live":
                 return self._json(200, {"live": True})
             if path == "/v2/health/ready":
@@ -369,31 +271,18 @@ def make_handler(service: ValueService, model_metadata: Callable[[], dict], read
                 return self._send(200, service.metrics.render().encode(), {"Content-Type": "text/plain; version=0.0.4"})
             return self._error(404, f"no such endpoint: GET {path}")
 
-        def do_POST(self) -> None:  # noqa: N802
-            with in_flight:
-                self._post()
-
         def _post(self) -> None:
             started = time.perf_counter()
-            path = self.path.split("?", 1)[0].rstrip("/")
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                return self._error(411, "a request body needs a Content-Length header")
-            if int(length) > service.config.max_body_bytes:
-                self.close_connection = True  # the body is not read
-                service.metrics.request(413)
-                return self._error(413, f"the request body has {length} bytes, over the limit of "
-                                        f"{service.config.max_body_bytes} (server.max_body_bytes)")
-            body = self.rfile.read(int(length))
-            if not self._authorized():
+            path = self._path()
+            body = self._read_body()
+            if body is None or not self._authorized():
                 return None
             if path.startswith("/v2/models/") and path.endswith("/infer") and path != f"/v2/models/{MODEL_NAME}/infer":
                 return self._error(404, f"no model {path.split('/')[3]!r}; this server serves '{MODEL_NAME}'")
             if path != f"/v2/models/{MODEL_NAME}/infer":
                 return self._error(404, f"no such endpoint: POST {path}")
             try:
-                if not ready.is_set():
+                if not self.server.ready.is_set():
                     raise RequestError(503, "the model is still loading")
                 request = parse_infer_request(body, self.headers.get(HEADER_LENGTH))
                 tokens, lengths = service.validate(request.inputs)
@@ -408,36 +297,12 @@ def make_handler(service: ValueService, model_metadata: Callable[[], dict], read
     return Handler
 
 
-class _Server(ThreadingHTTPServer):
-    # socketserver's default backlog of 5 resets the connections of a burst of concurrent clients.
-    request_queue_size = 512
-    daemon_threads = True
-
-
-class HTTPFront:
-    """The HTTP server in background threads; the service's model loop stays in the calling thread."""
+class HTTPFront(http.HTTPFront):
+    """The GVM's HTTP front: :func:`make_handler` for ``service`` in background threads."""
 
     def __init__(self, service: ValueService, model_metadata: Callable[[], dict], host: str, port: int,
                  token: Optional[str]):
-        self.ready = threading.Event()
-        self.in_flight = InFlight()
-        handler = make_handler(service, model_metadata, self.ready, token, self.in_flight)
-        try:
-            self.httpd = _Server((host, port), handler)
-        except OSError as error:
-            raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name="gvm-http", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop accepting connections, then wait (up to ``timeout``) for the answers being sent."""
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.in_flight.wait_idle(timeout)
+        super().__init__(make_handler(service, model_metadata, token), host, port, name="gvm-http")
 
 
 def model_metadata(info, max_length: int, config: ServerConfig) -> dict:
@@ -476,52 +341,14 @@ def info_from_metadata(metadata: dict, url: str):
         raise ConfigError(f"{url} is not a nemo_dvpo GVM server (its model metadata lacks {error})") from None
 
 
-# -- the multi-rank model loop ---------------------------------------------------------------------------
-
-_SCORE, _STOP = 1, 2
+# -- the model ----------------------------------------------------------------------------------------------
 
 
-class ModelParallelScorer:
-    """Scores on the leader of a model-parallel group, the group's other ranks following its broadcasts."""
+def values_fn(gvm) -> ScoreFn:
+    """``score(tokens, lengths) -> values`` with ``gvm`` (a :class:`LocalValueModel`), on NumPy arrays."""
+    import torch
 
-    def __init__(self, gvm, group, leader: int):
-        self.gvm, self.group, self.leader = gvm, group, leader
-
-    def _broadcast(self, tensor):
-        import torch.distributed as dist
-
-        from nemo_dvpo.utils.distributed import compute_device
-
-        on_device = tensor.to(compute_device())
-        if self.group is not None:
-            dist.broadcast(on_device, src=self.leader, group=self.group)
-        return on_device.cpu()
-
-    def score(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        import torch
-
-        header = torch.tensor([_SCORE, *tokens.shape], dtype=torch.long)
-        self._broadcast(header)
-        tokens_t = self._broadcast(torch.from_numpy(tokens))
-        lengths_t = self._broadcast(torch.from_numpy(lengths))
-        return self.gvm.values(tokens_t, lengths_t).numpy()
-
-    def stop_followers(self) -> None:
-        import torch
-
-        self._broadcast(torch.tensor([_STOP, 0, 0], dtype=torch.long))
-
-    def follow(self) -> None:
-        """A follower's loop: run the model on each batch the leader broadcasts, until it says stop."""
-        import torch
-
-        while True:
-            kind, rows, width = self._broadcast(torch.zeros(3, dtype=torch.long)).tolist()
-            if kind == _STOP:
-                return
-            tokens = self._broadcast(torch.zeros(rows, width, dtype=torch.long))
-            lengths = self._broadcast(torch.zeros(rows, dtype=torch.long))
-            self.gvm.values(tokens, lengths)
+    return lambda tokens, lengths: gvm.values(torch.from_numpy(tokens), torch.from_numpy(lengths)).numpy()
 
 
 def serve(cfg: ServeGVMConfig, stop) -> None:
@@ -540,15 +367,10 @@ def serve(cfg: ServeGVMConfig, stop) -> None:
     initialize_distributed(cfg.parallel, num_attention_heads=model_cfg.num_attention_heads,
                            num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
     max_length = cfg.server.max_sequence_length or model_cfg.max_position_embeddings
-    group = parallel_state.get_model_parallel_group()
-    members = dist.get_process_group_ranks(group)
-    leader = members[0]
-    is_leader = dist.get_rank() == leader
-    scorer_group = group if len(members) > 1 else None
-    front = None
-    if is_leader:
+    group, leader = model_parallel_group()
+    if dist.get_rank() == leader:
         port = cfg.server.port + parallel_state.get_data_parallel_rank() if cfg.server.port else 0
-        service = ValueService(lambda tokens, lengths: runner.score(tokens, lengths), info.vocab_size, max_length,
+        service = ValueService(lambda tokens, lengths: runner(tokens, lengths), info.vocab_size, max_length,
                                cfg.server)
         front = HTTPFront(service, lambda: model_metadata(info, max_length, cfg.server), cfg.server.host, port,
                           token)
@@ -556,8 +378,8 @@ def serve(cfg: ServeGVMConfig, stop) -> None:
         print(f"[serve_gvm] listening on http://{cfg.server.host}:{front.port} (model loading)", flush=True)
     gvm = LocalValueModel(cfg.gvm, cfg.precision, max_length, kinds=("gvm", "reward_model"), rows=cfg.server.rows,
                           bucket=cfg.server.bucket)
-    runner = ModelParallelScorer(gvm, scorer_group, leader)
-    if not is_leader:
+    runner = ModelParallelRunner(values_fn(gvm), group, leader)
+    if not runner.is_leader:
         runner.follow()
         return
     front.ready.set()
@@ -565,10 +387,5 @@ def serve(cfg: ServeGVMConfig, stop) -> None:
     print_rank_zero(f"[serve_gvm] ready: {cfg.gvm} (vocabulary {info.vocab_size}, sequences up to {max_length} "
                     f"tokens; {layout})")
     print(f"[serve_gvm] serving http://{cfg.server.host}:{front.port}/v2/models/{MODEL_NAME}", flush=True)
-    try:
-        service.run(lambda: stop.requested)
-    finally:
-        front.close()
-        if scorer_group is not None:
-            runner.stop_followers()
+    serve_until_stopped(service, front, runner, stop)
     print(f"[serve_gvm] stopped by {stop.signal_name}: every request in flight was answered", flush=True)

@@ -1,0 +1,165 @@
+"""Several evaluations side by side: ``report.md`` and PNG charts (``tools/eval_benchmarks.py --compare``).
+
+Each evaluation folder's ``scores.json`` gives one column; charts show each score with its 95% interval
+(``scores.png``) and MT-Bench's per-category means (``mt_bench_categories.png``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+from nemo_dvpo.evaluation.benchmarks.store import write_bytes_atomic
+from nemo_dvpo.utils.errors import NemoDvpoError
+
+
+def load_scores(folder: Path) -> dict:
+    path = folder / "scores.json"
+    if not path.is_file():
+        raise NemoDvpoError(f"--compare {folder}: no scores.json (evaluate into that folder first)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise NemoDvpoError(f"{path} is not valid JSON ({error})") from None
+
+
+def score_rows(scores: dict) -> list[tuple[str, Optional[float], Optional[float], Optional[float]]]:
+    """(metric, value, interval low, interval high) for each headline score of one evaluation.
+
+    IFEval accuracies and win rates are shown in %, MT-Bench on its 1-10 scale.
+    """
+    rows = []
+    ifeval = scores.get("ifeval")
+    if ifeval:
+        for metric in ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
+                       "instruction_level_loose"):
+            value, half = ifeval.get(metric), (ifeval.get("ci95") or {}).get(metric)
+            rows.append((f"IFEval {metric.replace('_', ' ')} (%)", _pct(value), *_interval(_pct(value), _pct(half))))
+    mt_bench = scores.get("mt_bench")
+    if mt_bench:
+        rows.append(("MT-Bench score (1-10)", mt_bench.get("score"),
+                     *_interval(mt_bench.get("score"), mt_bench.get("ci95"), 1.0, 10.0)))
+        rows.append(("MT-Bench turn 1", mt_bench.get("turn_1"), None, None))
+        rows.append(("MT-Bench turn 2", mt_bench.get("turn_2"), None, None))
+    arena = scores.get("arena_hard")
+    if arena:
+        low, high = arena.get("ci95") or (None, None)
+        rows.append(("Arena-Hard win rate (%)", _pct(arena.get("win_rate")), _pct(low), _pct(high)))
+    alpaca = scores.get("alpaca_eval")
+    if alpaca:
+        win, error = alpaca.get("win_rate"), alpaca.get("standard_error")
+        rows.append(("AlpacaEval 2 win rate (%)", win, *_interval(win, None if error is None else 1.96 * error)))
+        rows.append(("AlpacaEval 2 LC win rate (%)", alpaca.get("length_controlled_winrate"), None, None))
+    return rows
+
+
+def _pct(value):
+    return None if value is None else 100 * value
+
+
+def _interval(value, half_width, low: float = 0.0, high: float = 100.0):
+    """A normal-approximation interval, clipped to the score's range."""
+    if value is None or half_width is None:
+        return None, None
+    return max(low, value - half_width), min(high, value + half_width)
+
+
+def _cell(value, low, high) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if low is None else f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def write_report(folders: list[Path], output_dir: Path) -> Path:
+    """Write ``report.md``, ``scores.png`` and ``mt_bench_categories.png`` into ``output_dir``."""
+    evaluations = [(folder, load_scores(folder)) for folder in folders]
+    names = [scores.get("model") or folder.name for folder, scores in evaluations]
+    if len(set(names)) < len(names):
+        names = [f"{name} ({folder.name})" for name, (folder, _) in zip(names, evaluations)]
+    table = {name: {row[0]: row[1:] for row in score_rows(scores)} for name, (_, scores) in zip(names, evaluations)}
+    metrics = list(dict.fromkeys(metric for rows in table.values() for metric in rows))
+    lines = ["# Benchmark comparison", "",
+             "Scores with 95% intervals in brackets (IFEval: normal approximation clipped to 0-100; MT-Bench: normal "
+             "approximation over rated turns; Arena-Hard: bootstrap over questions; AlpacaEval: 1.96 x alpaca_eval's standard "
+             "error). `-`: not evaluated or nothing could be scored.", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for metric in metrics:
+        lines.append(f"| {metric} | " + " | ".join(_cell(*table[name].get(metric, (None, None, None)))
+                                                 for name in names) + " |")
+    lines += ["", "| evaluation | folder | answers from | judge | questions per benchmark |", "|---|---|---|---|---|"]
+    for name, (folder, scores) in zip(names, evaluations):
+        judges = sorted({scores[b]["judge"]["model"] for b in ("mt_bench", "arena_hard", "alpaca_eval")
+                         if b in scores and "judge" in scores[b]})
+        counts = ", ".join(f"{b} {scores[b].get('questions')}" for b in ("ifeval", "mt_bench", "arena_hard",
+                                                                       "alpaca_eval") if b in scores)
+        lines.append(f"| {name} | {folder} | {scores.get('answers_from', '-')} | {', '.join(judges) or '-'} | "
+                     f"{counts} |")
+    categories = sorted({category for _, scores in evaluations
+                         for category in (scores.get("mt_bench") or {}).get("categories", {})})
+    if categories:
+        lines += ["", "## MT-Bench by category", "", "| category | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for category in categories:
+            values = [(scores.get("mt_bench") or {}).get("categories", {}).get(category) for _, scores in evaluations]
+            lines.append(f"| {category} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
+    lines += ["", "Charts: `scores.png` (every score with its interval), `mt_bench_categories.png`.", ""]
+    write_bytes_atomic(output_dir / "scores.png", _scores_chart(names, metrics, table))
+    write_bytes_atomic(output_dir / "mt_bench_categories.png", _categories_chart(names, categories, evaluations))
+    report = output_dir / "report.md"
+    write_bytes_atomic(report, "\n".join(lines).encode("utf-8"))
+    return report
+
+
+def _figure_bytes(figure) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _scores_chart(names: list[str], metrics: list[str], table: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, len(metrics))
+    figure, axes = plt.subplots(rows, 1, figsize=(7, 1.1 * rows + 0.6), squeeze=False)
+    for axis, metric in zip(axes[:, 0], metrics or ["(no scores)"]):
+        for position, name in enumerate(names):
+            value, low, high = table[name].get(metric, (None, None, None))
+            if value is None:
+                continue
+            error = [[value - low], [high - value]] if low is not None else None
+            axis.barh(position, value, xerr=error, color=f"C{position}", capsize=3)
+        axis.set_yticks(range(len(names)), names, fontsize=7)
+        axis.set_title(metric, fontsize=8, loc="left")
+        axis.tick_params(axis="x", labelsize=7)
+    figure.tight_layout()
+    return _figure_bytes(figure)
+
+
+def _categories_chart(names: list[str], categories: list[str], evaluations: list) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(max(5, 1.1 * len(categories) + 2), 3.2))
+    width = 0.8 / max(1, len(names))
+    for index, (name, (_, scores)) in enumerate(zip(names, evaluations)):
+        values = [(scores.get("mt_bench") or {}).get("categories", {}).get(category) for category in categories]
+        positions = [c + index * width for c, value in enumerate(values) if value is not None]
+        axis.bar(positions, [value for value in values if value is not None], width, label=name, color=f"C{index}")
+    axis.set_xticks([c + 0.4 - width / 2 for c in range(len(categories))], categories, fontsize=8)
+    axis.set_ylim(0, 10)
+    axis.set_ylabel("MT-Bench score (1-10)")
+    axis.set_title("MT-Bench by category" if categories else "MT-Bench by category (no rated turns)")
+    if names and categories:
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    return _figure_bytes(figure)

@@ -1,0 +1,87 @@
+"""A policy loaded for inference from whatever names it: a nemo_dvpo checkpoint, a Hugging Face model
+(folder, ``.gguf`` file, ``package://`` source) or a preset name - at the current TP/PP layout.
+
+Used by the policy server (examples/serve_policy.py) and the benchmark evaluation
+(tools/eval_benchmarks.py): both answer chat prompts with :func:`nemo_dvpo.inference.generation.generate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from nemo_dvpo.utils.errors import ConfigError
+
+
+@dataclass
+class Policy:
+    model: Any  # the Megatron model (list of modules) at this rank's layout
+    model_cfg: Any  # its nemo_dvpo ModelConfig
+    tokenizer: Any  # the Hugging Face tokenizer, with its chat template
+    name: str  # what it is called in answers and by the OpenAI API
+    eos_token_ids: list[int]  # the ids that end a reply: the tokenizer's and the model's own
+    max_length: int  # prompt plus reply, in tokens (the length the model was built for)
+
+
+def is_model_checkpoint(spec: str) -> bool:
+    return (Path(spec).expanduser() / "nemo_dvpo_checkpoint.json").is_file()
+
+
+def policy_model_config(spec: str):
+    """The ModelConfig ``spec`` names (read before distributed start-up: the layout check needs the shape)."""
+    from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config
+    from nemo_dvpo.models.config import ModelConfig, available_presets, load_model_config
+    from nemo_dvpo.models.sources import load_hf_config
+
+    if not spec:
+        raise ConfigError("no model given: a nemo_dvpo checkpoint folder, a Hugging Face folder or a preset name")
+    if is_model_checkpoint(spec):
+        return read_checkpoint_model_config(spec)
+    if spec in available_presets() and not Path(spec).exists():
+        return load_model_config(spec)
+    return ModelConfig.from_hf_config(load_hf_config(spec), name=Path(spec).stem or spec, source=spec)
+
+
+def load_policy(spec: str, parallel, max_length: Optional[int] = None, precision: Optional[str] = None,
+                name: Optional[str] = None) -> Policy:
+    """Collective: start the distributed state for ``parallel`` and load the model ``spec`` names.
+
+    ``max_length`` (prompt plus reply) defaults to what the model builder uses (the model's context,
+    capped at 4096 tokens).
+    """
+    import dataclasses
+
+    from nemo_dvpo.checkpointing.model_checkpoint import load_model_checkpoint
+    from nemo_dvpo.models.builder import build_gpt_model
+    from nemo_dvpo.models.sources import load_tokenizer
+    from nemo_dvpo.utils.distributed import initialize_distributed
+
+    model_cfg = policy_model_config(spec)
+    if precision is not None:
+        model_cfg = dataclasses.replace(model_cfg, precision=precision)
+    initialize_distributed(parallel, num_attention_heads=model_cfg.num_attention_heads,
+                           num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
+    build_kwargs = {"seq_length": max_length} if max_length else {}
+    tokenizer = None
+    if is_model_checkpoint(spec):
+        model, model_cfg, tokenizer = load_model_checkpoint(spec, precision=precision, **build_kwargs)
+    else:
+        model = build_gpt_model(model_cfg, **build_kwargs)
+    if tokenizer is None:
+        if model_cfg.tokenizer_source is None:
+            raise ConfigError(f"{spec} names no tokenizer (set the preset's tokenizer)")
+        tokenizer = load_tokenizer(model_cfg.tokenizer_source)
+    from megatron.core.utils import unwrap_model
+
+    module = model[0] if isinstance(model, (list, tuple)) else model
+    built_length = unwrap_model(module).max_sequence_length
+    eos_token_ids = sorted({token_id for token_id in (tokenizer.eos_token_id, model_cfg.eos_token_id)
+                            if token_id is not None})
+    return Policy(model=model, model_cfg=model_cfg, tokenizer=tokenizer, name=name or _default_name(spec),
+                  eos_token_ids=eos_token_ids, max_length=built_length)
+
+
+def _default_name(spec: str) -> str:
+    path = Path(spec).expanduser()
+    return path.resolve().name if path.exists() else spec
