@@ -16,9 +16,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DISTRIBUTED_SCRIPTS = REPO_ROOT / "tests" / "distributed"
@@ -41,6 +43,21 @@ def run_torchrun(script: str, nproc: int, *args: str, tmp_path: Path, timeout: i
             f"--- stdout ---\n{completed.stdout[-6000:]}\n--- stderr ---\n{completed.stderr[-12000:]}"
         )
     return json.loads(result_file.read_text())
+
+
+def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a distributed (torch_dist) checkpoint folder, read in this process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(folder))
+    tensors = {name: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for name, meta in reader.read_metadata().state_dict_metadata.items()
+               if isinstance(meta, TensorStorageMetadata)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is uninitialized": a single process is intended
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return tensors
 
 
 def entry_point_env() -> dict:

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, entry_point_env as _env, kill_after_first_checkpoint, run_torchrun
+from tests.conftest import (
+    REPO_ROOT,
+    entry_point_env as _env,
+    kill_after_first_checkpoint,
+    read_checkpoint_tensors,
+    run_torchrun,
+)
 
 STEP_METRICS = ("rollout/kl", "rollout/gvm_value_mean", "rollout/advantage_std", "train/entropy",
                 "train/pg_loss", "train/kl_loss", "train/grad_norm", "train/clip_fraction", "train/approx_kl")
@@ -130,18 +136,27 @@ def test_gvm_tp_size_that_does_not_divide_the_world_fails_at_start_up(work_dir, 
     assert "gvm_tensor_model_parallel_size=2: world size 1 is not a multiple" in completed.stderr + completed.stdout
 
 
-def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(work_dir, tmp_path):
-    given_gvm = (f"init_from={work_dir / 'init'}", f"gvm={work_dir / 'gvm'}", "train.steps=4", "train.save_every=1",
-                 "export_hf=false")
-    uninterrupted = tmp_path / "uninterrupted"
-    completed = subprocess.run(_command(uninterrupted, *given_gvm), cwd=REPO_ROOT, env=_env(),
+GIVEN_GVM = ("train.steps=4", "train.save_every=1", "export_hf=false")
+
+
+def _given_gvm(work_dir: Path) -> tuple[str, ...]:
+    return (f"init_from={work_dir / 'init'}", f"gvm={work_dir / 'gvm'}", *GIVEN_GVM)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(work_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("dvpo") / "uninterrupted"
+    completed = subprocess.run(_command(run_dir, *_given_gvm(work_dir)), cwd=REPO_ROOT, env=_env(),
                                capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, (completed.stdout + completed.stderr)[-6000:]
+    return run_dir
 
+
+def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(work_dir, uninterrupted, tmp_path):
     killed = tmp_path / "killed"
-    kill_after_first_checkpoint(_command(killed, *given_gvm), killed)
+    kill_after_first_checkpoint(_command(killed, *_given_gvm(work_dir)), killed)
 
-    completed = subprocess.run(_command(killed, *given_gvm, "resume=true"), cwd=REPO_ROOT, env=_env(),
+    completed = subprocess.run(_command(killed, *_given_gvm(work_dir), "resume=true"), cwd=REPO_ROOT, env=_env(),
                                capture_output=True, text=True, timeout=900)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-6000:]
@@ -152,3 +167,38 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(work_dir, tmp_p
     assert expected[4]["rollout/kl"] != expected[1]["rollout/kl"]
     before = json.loads((uninterrupted / "summary.json").read_text())["verifiable_score_before"]
     assert json.loads((killed / "summary.json").read_text())["verifiable_score_before"] == before
+
+
+def test_kl_budget_stops_and_keeps_the_last_policy_within_it(work_dir, uninterrupted, tmp_path):
+    expected = _step_metrics(uninterrupted)
+    kl = {step: expected[step]["rollout/kl"] for step in expected}
+    # A budget between the KL measured at steps 2 and 3 (step t measures the policy after t - 1 updates).
+    assert kl[1] < kl[2] < kl[3], kl
+    budget = (kl[2] + kl[3]) / 2
+    run_dir = tmp_path / "budget"
+    completed = subprocess.run(_command(run_dir, *_given_gvm(work_dir), f"train.kl_budget={budget}"),
+                               cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-6000:]
+    assert "passed train.kl_budget" in output and "the final policy is the one after 1 steps" in output
+    # The run is the uninterrupted one up to the step that passed the budget, then it stops.
+    assert _step_metrics(run_dir) == {step: expected[step] for step in (1, 2, 3)}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["kl_budget"] == {"budget": budget, "final_policy_step": 1, "passed_at_step": 3,
+                                    "passed_with_kl": kl[3]}
+    assert summary["final_kl"] == kl[2]
+    # The final policy is the one after step 1 (the run's own checkpoint of it), not the one after step 3.
+    final = read_checkpoint_tensors(run_dir / "final" / "weights")
+    after_step_1 = read_checkpoint_tensors(run_dir / "checkpoints" / "step_0000001" / "weights")
+    after_step_2 = read_checkpoint_tensors(run_dir / "checkpoints" / "step_0000002" / "weights")
+    assert final.keys() == after_step_1.keys()
+    assert all(torch.equal(final[name], after_step_1[name]) for name in final)
+    assert not all(torch.equal(final[name], after_step_2[name]) for name in final)
+    assert json.loads((run_dir / "final" / "nemo_dvpo_checkpoint.json").read_text())["step"] == 1
+
+
+def test_kl_budget_must_be_positive(tmp_path):
+    completed = subprocess.run(_command(tmp_path / "bad", "train.kl_budget=0"),
+                               cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    assert "train.kl_budget must be > 0" in completed.stderr + completed.stdout

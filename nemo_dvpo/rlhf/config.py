@@ -115,10 +115,16 @@ class PolicyTrainConfig:
     # Checkpoint every N steps, keeping the newest ``keep_last``.
     save_every: int = 8
     keep_last: int = 2
+    # A KL budget against over-optimising the scorer: when the policy's sequence KL to the reference
+    # (rollout/kl: k1 summed over a response, mean over the batch) passes it, the run stops and the final
+    # policy is the last one measured within it (kept as a copy in host memory). null: no budget.
+    kl_budget: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.save_every < 1:
             raise ConfigError("train.steps and train.save_every must be >= 1")
+        if self.kl_budget is not None and not self.kl_budget > 0:
+            raise ConfigError(f"train.kl_budget must be > 0 (a sequence KL in nats) or null, got {self.kl_budget!r}")
 
 
 @dataclass

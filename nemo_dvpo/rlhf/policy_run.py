@@ -136,6 +136,10 @@ class PolicyRun:
         self.start_step, self.eval_before = 0, None
         self.last_metrics: dict[str, float] = {}
         self.step_times: list[float] = []
+        self.step = self.final_step = cfg.train.steps
+        # train.kl_budget: the newest policy measured within it (step, KL, weights) and the step that passed it.
+        self.within_budget: Optional[dict] = None
+        self.kl_budget_passed: Optional[dict] = None
 
     # -- set-up (called by the recipe, in this order) ------------------------------------------------------
 
@@ -209,11 +213,15 @@ class PolicyRun:
         with progress_bar(total, initial=self.start_step, description=self.tag) as bar:
             for step in range(self.start_step, total):
                 started = time.perf_counter()
+                self.step = step
                 yield step
                 self.step_times.append(time.perf_counter() - started)
                 bar.update(1)
                 bar.set_postfix({name.split("/")[-1]: f"{self.last_metrics[name]:.3g}" for name in postfix
                                  if name in self.last_metrics})
+                if self.kl_budget_passed is not None:
+                    self.return_to_within_budget()
+                    break
                 self.checkpoint_and_maybe_stop(step + 1)
 
     def step_prompts(self, step: int) -> tuple[list[list[int]], list[dict]]:
@@ -315,7 +323,45 @@ class PolicyRun:
         variance = (mean_square - means["advantage_mean"] ** 2) * all_tokens / max(all_tokens - 1, 1)
         means["advantage_std"] = max(variance, 0.0) ** 0.5
         means["kl_coef"] = self.kl_controller.value
+        self.watch_kl_budget(means["kl"])
         return {f"rollout/{name}": value for name, value in means.items()}
+
+    # -- the KL budget -------------------------------------------------------------------------------------
+
+    def _policy_parameters(self) -> list[torch.nn.Parameter]:
+        return [param for module in self.policy for param in unwrap_model(module).parameters()]
+
+    def watch_kl_budget(self, kl: float) -> None:
+        """Given the rollout KL of the current policy (the one after ``self.step`` updates): keep a copy of it
+        while it is within ``train.kl_budget``; mark the step that passes it (every rank sees the same global KL,
+        so all stop together)."""
+        budget = self.cfg.train.kl_budget
+        if budget is None:
+            return
+        if kl <= budget:
+            weights = [param.detach().to("cpu", copy=True) for param in self._policy_parameters()]
+            self.within_budget = {"step": self.step, "kl": kl, "weights": weights}
+        else:
+            self.kl_budget_passed = {"step": self.step, "kl": kl}
+
+    def return_to_within_budget(self) -> None:
+        """The budget was passed: put back the newest policy measured within it (this step's update is discarded)
+        and end the loop; the final evaluation, save and export then use that policy."""
+        passed, kept, budget = self.kl_budget_passed, self.within_budget, self.cfg.train.kl_budget
+        if kept is None:
+            # Only after a resume whose first measured policy is already over the budget: nothing older is held.
+            self.final_step = passed["step"] + 1
+            print_rank_zero(f"[{self.tag}] rollout KL {passed['kl']:.3g} at step {passed['step'] + 1} passed "
+                            f"train.kl_budget={budget:g}; no earlier policy of this run is in memory (it resumed "
+                            "past it): stopping with the current policy")
+            return
+        with torch.no_grad():
+            for param, weights in zip(self._policy_parameters(), kept["weights"]):
+                param.copy_(weights)
+        self.final_step = kept["step"]
+        print_rank_zero(f"[{self.tag}] rollout KL {passed['kl']:.3g} at step {passed['step'] + 1} passed "
+                        f"train.kl_budget={budget:g}: stopping; the final policy is the one after {kept['step']} "
+                        f"steps (rollout KL {kept['kl']:.3g})")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.last_metrics = metrics
@@ -358,14 +404,21 @@ class PolicyRun:
         run_dir = Path(self.cfg.run_dir)
         final = run_dir / "final"
         save_model_checkpoint(self.policy, final, self.policy_cfg, self.hf_config, self.tokenizer, kind="policy",
-                              extra={**(metadata or {}), "step": self.cfg.train.steps})
+                              extra={**(metadata or {}), "step": self.final_step})
         for name, trained in self.extra_models.items():
             save_model_checkpoint(trained.model, run_dir / f"final_{name}", trained.model_cfg, trained.hf_config,
                                   self.tokenizer, kind=trained.kind, extra={"step": self.cfg.train.steps})
         hf_dir = export_model_to_hf(self.policy, self.hf_config, self.tokenizer, run_dir / "hf",
                                     exported_from=str(final)) if self.cfg.export_hf else None
-        return write_summary(run_dir, {**extra_summary, "final_kl": self.last_metrics.get("rollout/kl"),
-                                       "final_kl_coef": self.kl_controller.value},
+        budget, final_kl = None, self.last_metrics.get("rollout/kl")
+        if self.cfg.train.kl_budget is not None:
+            passed = self.kl_budget_passed or {}
+            if passed and self.within_budget:
+                final_kl = self.within_budget["kl"]  # the returned-to policy's, not the discarded one's
+            budget = {"budget": self.cfg.train.kl_budget, "final_policy_step": self.final_step,
+                      "passed_at_step": passed["step"] + 1 if passed else None, "passed_with_kl": passed.get("kl")}
+        return write_summary(run_dir, {**extra_summary, "final_kl": final_kl,
+                                       "final_kl_coef": self.kl_controller.value, "kl_budget": budget},
                              self.eval_before, eval_after, self.step_times, final, hf_dir)
 
     def cleanup(self) -> None:
@@ -446,6 +499,11 @@ def format_summary(title: str, summary: dict) -> str:
     if "final_kl" in summary:
         lines.append(f"  final KL (sequence, k1)    {_number(summary['final_kl'])}   "
                      f"KL coefficient {summary['final_kl_coef']:.4f}")
+    budget = summary.get("kl_budget")
+    if budget:
+        lines.append(f"  KL budget                  {budget['budget']:g}: " + (
+            f"passed at step {budget['passed_at_step']} (KL {budget['passed_with_kl']:.3g}); the final policy is "
+            f"the one after {budget['final_policy_step']} steps" if budget["passed_at_step"] else "never passed"))
     lines += [
         "  time per step (median)     " + (f"{step_s:.1f} s over {summary['steps_this_run']} steps" if step_s
                                             else "no step ran"),
