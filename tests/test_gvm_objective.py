@@ -104,6 +104,23 @@ def test_sequence_summaries_and_pairwise_accuracy_by_hand():
     assert accuracy["mean"] == pytest.approx(1 / 3) and accuracy["last"] == pytest.approx(2 / 3)
 
 
+def test_wilson_interval_against_hand_computed_values():
+    from nemo_dvpo.evaluation.value_accuracy import wilson_interval
+
+    # z = 1.96, z^2 = 3.8416. 9 of 12: p = 0.75, 1 + z^2/n = 1.320133, centre = (0.75 + 0.160067) / 1.320133
+    # = 0.689376, half-width = 1.96 / 1.320133 * sqrt(0.75 * 0.25 / 12 + 3.8416 / 576) = 0.221684.
+    low, high = wilson_interval(9, 12)
+    assert low == pytest.approx(0.467690, abs=2e-5) and high == pytest.approx(0.911060, abs=2e-5)
+    # 0 of n: centre = half-width, so the interval is [0, z^2 / (n + z^2)] = [0, 3.8416 / 13.8416].
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.277540), abs=2e-5)
+    assert wilson_interval(10, 10) == pytest.approx((0.722460, 1.0), abs=2e-5)
+    # 210 of 300 (70%): [0.646, 0.749], the width a 300-pair held-out set buys.
+    low, high = wilson_interval(210, 300)
+    assert low == pytest.approx(0.645881, abs=2e-5) and high == pytest.approx(0.749061, abs=2e-5)
+    with pytest.raises(ValueError, match="0 <= successes <= trials"):
+        wilson_interval(5, 0)
+
+
 def test_value_colours_and_html_rendering():
     from nemo_dvpo.evaluation.visualize import TokenValueRow, render_html, value_colour
 

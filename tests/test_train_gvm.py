@@ -71,6 +71,12 @@ def test_eval_tool_reproduces_the_recipes_held_out_accuracy(uninterrupted, tmp_p
     logged = json.loads((uninterrupted / "metrics.jsonl").read_text().splitlines()[-1])
     for name in ("mean", "last", "p1", "p99"):
         assert result["accuracy"][name] == pytest.approx(logged[f"eval/accuracy_{name}"], abs=1e-6), name
+        # The interval is the Wilson interval of the 8 pairs' count of wins.
+        from nemo_dvpo.evaluation.value_accuracy import wilson_interval
+
+        wins = round(result["accuracy"][name] * 8)
+        assert result["wilson_95"][name] == pytest.approx(list(wilson_interval(wins, 8))), name
+        assert result["wilson_95"][name][0] <= result["accuracy"][name] <= result["wilson_95"][name][1]
 
 
 def test_visualize_tool_writes_html_and_png(uninterrupted, tmp_path):

@@ -3,7 +3,8 @@
     python tools/eval_gvm.py --gvm runs/gvm/final --data data/smollm2_ifeval/pairs_heldout.jsonl
 
 A pair is correct when the chosen response scores strictly higher, where a response's score is
-the mean of its token values, its last token's value, or a percentile (P1 ... P99) of them.
+the mean of its token values, its last token's value, or a percentile (P1 ... P99) of them. Each
+accuracy is printed with its Wilson 95% interval over the pairs.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main(argv=None) -> None:
         check_output_file(args.output, "--output")  # before the evaluation, not after it
     from nemo_dvpo.data.preference import PreferenceDataConfig, collate_value_batch, load_preference_data
     from nemo_dvpo.evaluation.gvm_checkpoint import load_gvm
-    from nemo_dvpo.evaluation.value_accuracy import SUMMARIES, evaluate_pairs
+    from nemo_dvpo.evaluation.value_accuracy import SUMMARIES, evaluate_pairs, wilson_interval
     from nemo_dvpo.utils.distributed import destroy_distributed, is_rank_zero, print_rank_zero
     from nemo_dvpo.utils.errors import NemoDvpoError
 
@@ -63,14 +64,16 @@ def main(argv=None) -> None:
 
     accuracy, chosen, rejected = evaluate_pairs(gvm.model, batches([c for c, _ in complete]),
                                                 batches([r for _, r in complete]))
+    intervals = {name: wilson_interval(round(accuracy[name] * len(complete)), len(complete)) for name in SUMMARIES}
     print_rank_zero(f"GVM {args.gvm} on {len(complete)} held-out pairs from {args.data}")
-    print_rank_zero(f"{'score':>8}  {'accuracy':>8}  {'mean chosen':>12}  {'mean rejected':>13}")
+    print_rank_zero(f"{'score':>8}  {'accuracy':>8}  {'Wilson 95%':>15}  {'mean chosen':>12}  {'mean rejected':>13}")
     for name in SUMMARIES:
-        print_rank_zero(f"{name:>8}  {accuracy[name]:8.4f}  {chosen[name].mean().item():+12.4f}  "
-                        f"{rejected[name].mean().item():+13.4f}")
+        low, high = intervals[name]
+        print_rank_zero(f"{name:>8}  {accuracy[name]:8.4f}  {f'[{low:.3f}, {high:.3f}]':>15}  "
+                        f"{chosen[name].mean().item():+12.4f}  {rejected[name].mean().item():+13.4f}")
     if args.output and is_rank_zero():
         Path(args.output).write_text(json.dumps({"gvm": args.gvm, "data": args.data, "pairs": len(complete),
-                                                 "accuracy": accuracy}, indent=2))
+                                                 "accuracy": accuracy, "wilson_95": intervals}, indent=2))
     destroy_distributed()
 
 

@@ -2,11 +2,13 @@
 
 Each response gets per-token values; a sequence-level score is the mean over response tokens, the
 value of the last response token, or a percentile (P1, P5, P10, P90, P95, P99) of the response's
-token values. A pair counts as correct when the chosen response scores strictly higher.
+token values. A pair counts as correct when the chosen response scores strictly higher. An accuracy
+over n pairs comes with its Wilson 95% interval (held-out sets are small: 9 of 12 is 47-91%).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -37,6 +39,22 @@ def sequence_value_summaries(values: torch.Tensor, response_mask: torch.Tensor) 
 def pairwise_accuracy(chosen: dict[str, torch.Tensor], rejected: dict[str, torch.Tensor]) -> dict[str, float]:
     """Fraction of pairs whose chosen response scores strictly higher, for every summary."""
     return {name: (chosen[name] > rejected[name]).float().mean().item() for name in chosen}
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% for the default ``z``).
+
+    With p = k / n:  centre = (p + z^2 / 2n) / (1 + z^2 / n),
+                     half-width = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2).
+    Unlike the normal approximation it stays inside [0, 1] and is not zero-width at 0% or 100%.
+    """
+    if trials <= 0 or not 0 <= successes <= trials:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= trials and trials > 0, got {successes}/{trials}")
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half_width = z / denominator * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
 
 
 def evaluate_pairs(model: list[torch.nn.Module], chosen_batches: Sequence, rejected_batches: Sequence
