@@ -267,3 +267,36 @@ def test_shipped_preference_set_is_consistent():
             assert score_response(record, record["response"]) == record["score"]
             checked += 1
     assert checked > 0
+
+
+def test_the_shipped_preference_set_is_decontaminated_and_its_splits_are_disjoint():
+    """On data/smollm2_ifeval as shipped: no base task or prompt matches MT-Bench, AlpacaEval, Arena-Hard, IFEval
+    or IFBench (the builder's own index, with the evaluation packages of requirements-nodeps.txt), and no prompt
+    is on both sides of the train / held-out split."""
+    tool = _tool()
+    eval_prompts, missing = tool.load_eval_prompts()
+    assert not missing, f"evaluation sets not found (setup.sh installs them): {missing}"
+    index = tool.EvalIndex.build(eval_prompts)
+    data = REPO_ROOT / "data" / "smollm2_ifeval"
+
+    def read(name: str) -> list[dict]:
+        return [json.loads(line) for line in (data / name).read_text().splitlines()]
+
+    pool = read("prompts.jsonl")
+    matches = {record["prompt_id"]: hit for record in pool
+               if (hit := index.match(record["base_task"]) or index.match(record["prompt"], use_ngrams=False))}
+    assert not matches, f"{len(matches)} shipped prompts match evaluation sets, e.g. {list(matches.items())[:3]}"
+
+    split_of = {record["prompt_id"]: record["split"] for record in pool}
+    for split in ("train", "heldout"):
+        for name in (f"pairs_{split}.jsonl", f"scored_{split}.jsonl"):
+            assert {split_of[record["prompt_id"]] for record in read(name)} == {split}, name
+    train_texts = {record["prompt"] for record in pool if record["split"] == "train"}
+    heldout_texts = {record["prompt"] for record in pool if record["split"] == "heldout"}
+    assert not train_texts & heldout_texts
+    assert [record["prompt_id"] for record in read("prompts_heldout.jsonl")] == \
+        [record["prompt_id"] for record in pool if record["split"] == "heldout"]
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["decontamination"]["checked"] and not manifest["decontamination"]["dropped_base_tasks"]
+    assert manifest["counts"]["pairs"] == {"train": len(read("pairs_train.jsonl")),
+                                           "heldout": len(read("pairs_heldout.jsonl"))}
