@@ -172,29 +172,30 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(work_dir, unint
 def test_kl_budget_stops_and_keeps_the_last_policy_within_it(work_dir, uninterrupted, tmp_path):
     expected = _step_metrics(uninterrupted)
     kl = {step: expected[step]["rollout/kl"] for step in expected}
-    # A budget between the KL measured at steps 2 and 3 (step t measures the policy after t - 1 updates).
-    assert kl[1] < kl[2] < kl[3], kl
-    budget = (kl[2] + kl[3]) / 2
+    # Step t measures the policy after t - 1 updates: step 1 the starting policy (KL 0), step 2 the policy after
+    # one update. A budget of half step 2's KL is passed at step 2, so the run returns to the starting policy.
+    assert abs(kl[1]) < 1e-4 < kl[2], kl
+    budget = kl[2] / 2
     run_dir = tmp_path / "budget"
     completed = subprocess.run(_command(run_dir, *_given_gvm(work_dir), f"train.kl_budget={budget}"),
                                cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-6000:]
-    assert "passed train.kl_budget" in output and "the final policy is the one after 1 steps" in output
+    assert "passed train.kl_budget" in output and "the final policy is the one after 0 steps" in output
     # The run is the uninterrupted one up to the step that passed the budget, then it stops.
-    assert _step_metrics(run_dir) == {step: expected[step] for step in (1, 2, 3)}
+    assert _step_metrics(run_dir) == {step: expected[step] for step in (1, 2)}
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["kl_budget"] == {"budget": budget, "final_policy_step": 1, "passed_at_step": 3,
-                                    "passed_with_kl": kl[3]}
-    assert summary["final_kl"] == kl[2]
-    # The final policy is the one after step 1 (the run's own checkpoint of it), not the one after step 3.
+    assert summary["kl_budget"] == {"budget": budget, "final_policy_step": 0, "passed_at_step": 2,
+                                    "passed_with_kl": kl[2]}
+    assert summary["final_kl"] == kl[1]
+    # The final policy is the starting one (the init checkpoint), not the one after step 1 or 2.
     final = read_checkpoint_tensors(run_dir / "final" / "weights")
+    start = read_checkpoint_tensors(work_dir / "init" / "weights")
     after_step_1 = read_checkpoint_tensors(run_dir / "checkpoints" / "step_0000001" / "weights")
-    after_step_2 = read_checkpoint_tensors(run_dir / "checkpoints" / "step_0000002" / "weights")
-    assert final.keys() == after_step_1.keys()
-    assert all(torch.equal(final[name], after_step_1[name]) for name in final)
-    assert not all(torch.equal(final[name], after_step_2[name]) for name in final)
-    assert json.loads((run_dir / "final" / "nemo_dvpo_checkpoint.json").read_text())["step"] == 1
+    assert final.keys() == start.keys()
+    assert all(torch.equal(final[name], start[name]) for name in final)
+    assert not all(torch.equal(final[name], after_step_1[name]) for name in final)
+    assert json.loads((run_dir / "final" / "nemo_dvpo_checkpoint.json").read_text())["step"] == 0
 
 
 def test_kl_budget_must_be_positive(tmp_path):
