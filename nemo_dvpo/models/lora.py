@@ -20,6 +20,7 @@ only them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -121,7 +122,13 @@ def apply_lora(model: list[torch.nn.Module], cfg: LoRAConfig) -> list[torch.nn.M
         raise ConfigError(f"lora.dim={cfg.dim} must be a multiple of the tensor-parallel size {tp}")
     modes = [chunk.training for chunk in model]
     peft = LoRA(target_modules=list(cfg.target_modules), dim=cfg.dim, alpha=cfg.alpha, dropout=cfg.dropout)
-    peft(model, training=True)
+    # megatron-bridge logs one line per adapted layer on the root logger (hundreds for an 8B model).
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        peft(model, training=True)
+    finally:
+        logging.disable(previous)
     wrapped = 0
     for gpt in _gpt_modules(model):
         for module in gpt.modules():
