@@ -182,11 +182,68 @@ def save_sharded_weights(model: list[torch.nn.Module], folder: Path) -> None:
     save_distributed(unwrap_model(model[0]).sharded_state_dict(), folder)
 
 
+def adapter_metadata(model: list[torch.nn.Module]) -> dict:
+    """``{"lora": settings}`` for a model with LoRA adapters (what loading needs to rebuild them), else ``{}``."""
+    from nemo_dvpo.models.lora import lora_config_of
+
+    lora = lora_config_of(model)
+    return {"lora": dataclasses.asdict(lora)} if lora is not None else {}
+
+
+def _saved_lora(weights: Path) -> Optional[dict]:
+    metadata_file = Path(weights).parent / METADATA_FILE
+    return json.loads(metadata_file.read_text()).get("lora") if metadata_file.is_file() else None
+
+
+def _check_lora_layout(model: list[torch.nn.Module], folder: Path, saved_lora: Optional[dict]) -> bool:
+    """Whether the checkpoint's adapters must be merged into ``model`` while loading (it has none of its own)."""
+    from nemo_dvpo.models.lora import lora_config_of
+
+    lora = lora_config_of(model)
+    if lora is None:
+        return saved_lora is not None
+    adapter_shape = ("dim", "alpha", "target_modules")
+    if saved_lora is None or any(saved_lora.get(name) != getattr(lora, name) for name in adapter_shape):
+        saved = "no LoRA adapters" if saved_lora is None else \
+            "LoRA " + ", ".join(f"{name}={saved_lora.get(name)}" for name in adapter_shape)
+        mine = ", ".join(f"{name}={value}" for name, value in dataclasses.asdict(lora).items() if name in adapter_shape)
+        raise CheckpointError(f"checkpoint {folder.parent} holds {saved}, the model has LoRA {mine}: resume with "
+                              "the lora settings it was saved with")
+    return False
+
+
+def _adapt_for_merge(model: list[torch.nn.Module], saved_lora: dict, folder: Path) -> dict:
+    """Give ``model`` the checkpoint's adapters, to be merged after loading; returns the ``requires_grad`` flags
+    to restore (LoRA freezes the base, but the caller built this model to train as it chose)."""
+    from megatron.core import parallel_state
+
+    from nemo_dvpo.models.builder import unwrap_model
+    from nemo_dvpo.models.lora import LoRAConfig, apply_lora
+
+    groups = unwrap_model(model[0]).pg_collection
+    if dist.is_initialized() and dist.get_process_group_ranks(groups.tp) != \
+            dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group()):
+        # megatron-bridge's adapters always use the global tensor-parallel group.
+        raise CheckpointError(f"{folder.parent} holds unmerged LoRA adapters, which cannot be loaded into a model "
+                              "on its own process groups: use the run's final (merged) checkpoint")
+    flags = {param: param.requires_grad for chunk in model for param in chunk.parameters()}
+    apply_lora(model, from_dict(LoRAConfig, saved_lora, f"{folder.parent / METADATA_FILE}:lora"))
+    return flags
+
+
 def load_sharded_weights(model: list[torch.nn.Module], folder: Path, strict: bool = True) -> None:
-    """Collective: load a distributed checkpoint into ``model`` at the current TP/PP layout."""
+    """Collective: load a distributed checkpoint into ``model`` at the current TP/PP layout.
+
+    A checkpoint with LoRA adapters (a training checkpoint of a LoRA run) loads into a model with the same
+    adapters (resuming); into a model without adapters it loads merged (:func:`nemo_dvpo.models.lora.merge_adapters`).
+    """
     from nemo_dvpo.checkpointing.distributed_io import load_distributed
     from nemo_dvpo.models.builder import unwrap_model
+    from nemo_dvpo.models.lora import merge_adapters
 
+    saved_lora = _saved_lora(folder)
+    merge = _check_lora_layout(model, Path(folder), saved_lora)
+    flags = _adapt_for_merge(model, saved_lora, Path(folder)) if merge else None
     module = unwrap_model(model[0])
     # Replica ids come from the model's own data-parallel group: a model on its own process groups
     # (a GVM at another TP size) would otherwise be validated against the global layout's.
@@ -200,6 +257,10 @@ def load_sharded_weights(model: list[torch.nn.Module], folder: Path, strict: boo
     if strict and (missing or unexpected):
         raise CheckpointError(f"checkpoint {folder} does not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    if merge:
+        merge_adapters(model)
+        for param, requires_grad in flags.items():
+            param.requires_grad_(requires_grad)
 
 
 def save_hf_artifacts(folder: Path, hf_config, tokenizer=None) -> None:
@@ -228,7 +289,8 @@ def save_model_checkpoint(model: list[torch.nn.Module], path: str | Path, model_
         save_sharded_weights(model, staging / "weights")
         if _rank() == 0:
             save_hf_artifacts(staging / "hf", hf_config, tokenizer)
-            write_json_atomic(staging / METADATA_FILE, checkpoint_metadata(model_cfg, kind, tokenizer, extra))
+            write_json_atomic(staging / METADATA_FILE, checkpoint_metadata(
+                model_cfg, kind, tokenizer, {**(extra or {}), **adapter_metadata(model)}))
     return Path(path)
 
 

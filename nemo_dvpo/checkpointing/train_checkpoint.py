@@ -31,6 +31,7 @@ from nemo_dvpo.checkpointing.model_checkpoint import (
     AtomicCheckpointDir,
     _barrier,
     _rank,
+    adapter_metadata,
     checkpoint_metadata,
     load_sharded_weights,
     save_hf_artifacts,
@@ -103,10 +104,11 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: list[torch.n
     path = checkpoint_dir(run_dir, step)
     extra_models = extra_models or {}
     with (target := AtomicCheckpointDir(path)) as staging:
-        parts = {".": (_model_and_optimizer_states(model, optimizer), model_cfg, hf_config, kind)}
+        parts = {".": (_model_and_optimizer_states(model, optimizer), model_cfg, hf_config, kind,
+                       adapter_metadata(model))}
         for name, trained in extra_models.items():
             parts[name] = (_model_and_optimizer_states(trained.model, trained.optimizer), trained.model_cfg,
-                           trained.hf_config, trained.kind)
+                           trained.hf_config, trained.kind, adapter_metadata(trained.model))
         target.reserve(sum(state_dict_nbytes(model_state) + state_dict_nbytes(optimizer_state)
                            for (model_state, optimizer_state), *_ in parts.values()))
         if _rank() == 0:
@@ -120,10 +122,11 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: list[torch.n
             save_distributed(optimizer_state, staging / name / "optimizer")
         torch.save(_rng_state(), staging / "rng" / f"rank_{_rank():05d}.pt")
         if _rank() == 0:
-            for name, (_, part_cfg, part_hf_config, part_kind) in parts.items():
+            for name, (_, part_cfg, part_hf_config, part_kind, part_adapters) in parts.items():
                 save_hf_artifacts(staging / name / "hf", part_hf_config, tokenizer)
                 write_json_atomic(staging / name / METADATA_FILE, checkpoint_metadata(
-                    part_cfg, part_kind, tokenizer, {"step": step, **((metadata or {}) if name == "." else {})}))
+                    part_cfg, part_kind, tokenizer,
+                    {"step": step, **((metadata or {}) if name == "." else {}), **part_adapters}))
             write_json_atomic(staging / TRAINER_STATE_FILE, {
                 "step": step, "scheduler": scheduler.state_dict(), "extra_models": sorted(extra_models),
                 "extra_schedulers": {name: trained.scheduler.state_dict() for name, trained in extra_models.items()},

@@ -114,14 +114,15 @@ def make_provider(hf_config, model_cfg: ModelConfig, tensor_parallel: int = 1, p
 def build_gpt_model(model_cfg: ModelConfig, *, hf_config=None, wrap_with_ddp: bool = False,
                     ddp_config=None, seq_length: Optional[int] = None, load_weights: bool = True,
                     transform: Optional[Callable[[list[torch.nn.Module]], list[torch.nn.Module]]] = None,
-                    pg_collection=None, **provider_overrides: Any) -> list[torch.nn.Module]:
+                    pg_collection=None, lora=None, **provider_overrides: Any) -> list[torch.nn.Module]:
     """Build the Megatron GPT model (one module per virtual pipeline stage) at the current layout.
 
     Must be called after :func:`nemo_dvpo.utils.distributed.initialize_distributed`. Order:
     build (wrapped in Float16Module for bf16/fp16), load the weights named by ``model_cfg.source``
     (unless ``load_weights`` is False or the preset asks for random initialisation), apply
-    ``transform`` (e.g. replace the output layer with a value head), then wrap in Megatron DDP.
-    Wrapping last means DDP's gradient buffers cover exactly the final set of parameters.
+    ``transform`` (e.g. replace the output layer with a value head), add LoRA adapters when ``lora``
+    (a :class:`nemo_dvpo.models.lora.LoRAConfig`) is enabled, then wrap in Megatron DDP. Wrapping last
+    means DDP's gradient buffers cover exactly the final set of trainable parameters.
 
     ``pg_collection`` (from :func:`nemo_dvpo.utils.distributed.standalone_model_groups`) lays the
     model out on its own process groups instead of the global parallel state.
@@ -142,6 +143,10 @@ def build_gpt_model(model_cfg: ModelConfig, *, hf_config=None, wrap_with_ddp: bo
         load_hf_weights_into(model, model_cfg.source, hf_config)
     if transform is not None:
         model = transform(model)
+    if lora is not None and lora.enabled:
+        from nemo_dvpo.models.lora import apply_lora
+
+        model = apply_lora(model, lora)
     if wrap_with_ddp:
         model = wrap_in_ddp(model, ddp_config)
     return model

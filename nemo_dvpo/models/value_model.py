@@ -34,6 +34,9 @@ class ValueHead(torch.nn.Module):
     checkpointing expects ``output_layer.weight`` on the last stage.
     """
 
+    # With LoRA the trunk is frozen but the head, new and tiny, trains fully (nemo_dvpo.models.lora).
+    lora_trains_fully = True
+
     def __init__(self, hidden_size: int, tp_group=None):
         super().__init__()
         # The model's tensor-parallel group (checkpoint replica ids); None means the global one.
@@ -78,7 +81,7 @@ def value_head(model: list[torch.nn.Module]) -> Optional[ValueHead]:
 
 def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None, wrap_with_ddp: bool = False,
                       ddp_config=None, seq_length: Optional[int] = None,
-                      pg_collection=None) -> list[torch.nn.Module]:
+                      pg_collection=None, lora=None) -> list[torch.nn.Module]:
     """A GVM at the current TP/PP layout, or on its own process groups when ``pg_collection`` is given.
 
     ``init_from`` selects the trunk's weights: None takes ``model_cfg.source`` (an HF folder, hub id
@@ -86,6 +89,7 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
     (any of :data:`VALUE_MODEL_KINDS`: a GVM, a reward model, PPO's critic) restores trunk and head. The head
     is fresh (zero) unless restored. With a
     checkpoint, only ``model_cfg.precision`` is taken from ``model_cfg``; the shape is the checkpoint's.
+    An enabled ``lora`` (:class:`nemo_dvpo.models.lora.LoRAConfig`) adds adapters to the trunk after loading.
     """
     from nemo_dvpo.checkpointing.model_checkpoint import (
         load_hf_config_from_checkpoint,
@@ -96,7 +100,8 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
 
     if init_from is None:
         return build_gpt_model(model_cfg, wrap_with_ddp=wrap_with_ddp, ddp_config=ddp_config,
-                               seq_length=seq_length, transform=attach_value_head, pg_collection=pg_collection)
+                               seq_length=seq_length, transform=attach_value_head, pg_collection=pg_collection,
+                               lora=lora)
     metadata = read_checkpoint_metadata(init_from)
     hf_config = load_hf_config_from_checkpoint(init_from)
     # The checkpoint defines the shape; the caller chooses the precision to run in.
@@ -114,7 +119,7 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
             return attach_value_head(model)
     return build_gpt_model(model_cfg, hf_config=hf_config, load_weights=False, wrap_with_ddp=wrap_with_ddp,
                            ddp_config=ddp_config, seq_length=seq_length, transform=transform,
-                           pg_collection=pg_collection)
+                           pg_collection=pg_collection, lora=lora)
 
 
 def token_values(model: list[torch.nn.Module], tokens: torch.Tensor,

@@ -34,12 +34,19 @@ from nemo_dvpo.data.prompts import load_prompts
 from nemo_dvpo.data.splits import EpochStream
 from nemo_dvpo.models.config import ModelConfig
 from nemo_dvpo.models.conversion import export_model_to_hf
+from nemo_dvpo.models.lora import LoRAConfig
 from nemo_dvpo.models.forward import logits_for_positions, position_ids_for
 from nemo_dvpo.models.logprobs import at_token_positions, response_logit_span, target_logprobs
 from nemo_dvpo.models.sources import load_tokenizer
 from nemo_dvpo.recipes.config import parse_recipe_config
 from nemo_dvpo.rlhf.config import EvalConfig
-from nemo_dvpo.rlhf.policy_run import build_policy_and_reference, evaluate_policy, write_summary
+from nemo_dvpo.rlhf.policy_run import (
+    build_policy_and_reference,
+    evaluate_policy,
+    finalize_policy,
+    reference_model,
+    write_summary,
+)
 from nemo_dvpo.rlhf.rollout import token_logprobs
 from nemo_dvpo.training.data_parallel import DataParallel
 from nemo_dvpo.training.metrics import MetricsLogger, peak_memory_mib, progress_bar
@@ -102,6 +109,8 @@ class DPORecipeConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0, decay_style="constant"))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # LoRA adapters on the policy (lora.enabled=true): only they train; the reference is the policy with them off.
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 class DPORecipe:
@@ -144,7 +153,7 @@ class DPORecipe:
 
         seq_length = max(cfg.data.processing.max_length or 1024, cfg.data.max_prompt_tokens + cfg.eval.max_new_tokens)
         self.policy, self.reference, self.hf_config = build_policy_and_reference(
-            self.policy_cfg, cfg.init_from, cfg.optim, seq_length)
+            self.policy_cfg, cfg.init_from, cfg.optim, seq_length, lora=cfg.lora)
         self.optimizer, self.scheduler = build_optimizer(self.policy, cfg.optim, train.steps)
         configure_for_training(self.policy, self.optimizer)
         self.vocab_size = len(self.tokenizer)
@@ -169,8 +178,9 @@ class DPORecipe:
                 for i in range(0, len(samples), micro)]
 
     def reference_sums(self, batch: ValueBatch) -> torch.Tensor:
-        logprobs, _ = token_logprobs(self.reference, batch.tokens, batch.response_mask, vocab_size=self.vocab_size,
-                                     micro_batch_size=batch.tokens.shape[0])
+        with reference_model(self.reference, self.policy) as reference:
+            logprobs, _ = token_logprobs(reference, batch.tokens, batch.response_mask, vocab_size=self.vocab_size,
+                                         micro_batch_size=batch.tokens.shape[0])
         return sequence_logprobs(logprobs, batch.response_mask)
 
     def forward_step(self, micro_batch: tuple[ValueBatch, torch.Tensor], chunk):
@@ -266,6 +276,7 @@ class DPORecipe:
 
         run_dir = Path(self.cfg.run_dir)
         final = run_dir / "final"
+        self.policy = finalize_policy(self.policy)
         save_model_checkpoint(self.policy, final, self.policy_cfg, self.hf_config, self.tokenizer, kind="policy",
                               extra={"step": self.cfg.train.steps, "algorithm": "dpo"})
         hf_dir = export_model_to_hf(self.policy, self.hf_config, self.tokenizer, run_dir / "hf",

@@ -44,6 +44,7 @@ from nemo_dvpo.models.config import ModelConfig
 from nemo_dvpo.recipes.config import parse_recipe_config
 from nemo_dvpo.models.forward import position_ids_for
 from nemo_dvpo.models.sources import load_tokenizer
+from nemo_dvpo.models.lora import LoRAConfig, has_adapters, merge_adapters
 from nemo_dvpo.models.value_model import build_value_model, token_values
 from nemo_dvpo.training.metrics import MetricsLogger, peak_memory_mib, progress_bar
 from nemo_dvpo.training.data_parallel import DataParallel
@@ -127,6 +128,8 @@ class GVMRecipeConfig:
     # Peak lr 1e-5 with 10 warm-up steps, cosine decay to 1e-6.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, min_lr=1e-6, warmup_steps=10))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # LoRA adapters on the trunk (lora.enabled=true): they and the value head train, the trunk stays frozen.
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 def parse_config(cfg: DictConfig) -> GVMRecipeConfig:
@@ -195,7 +198,8 @@ class GVMRecipe:
         # Model, optimizer, schedule.
         self.hf_config = resolve_hf_config(model_cfg) if cfg.init_from is None else None
         self.model = build_value_model(model_cfg, init_from=cfg.init_from, wrap_with_ddp=True,
-                                       ddp_config=ddp_config_for(cfg.optim), seq_length=cfg.data.processing.max_length)
+                                       ddp_config=ddp_config_for(cfg.optim), seq_length=cfg.data.processing.max_length,
+                                       lora=cfg.lora)
         if self.hf_config is None:
             from nemo_dvpo.checkpointing.model_checkpoint import load_hf_config_from_checkpoint
             self.hf_config = load_hf_config_from_checkpoint(cfg.init_from)
@@ -365,6 +369,9 @@ class GVMRecipe:
             masks.append(torch.ones_like(values[-1], dtype=torch.bool))
         stats = value_statistics(torch.cat(values), torch.cat(masks))
         final = Path(self.cfg.run_dir) / "final"
+        # A plain value model for the policy recipes, scorers and servers: adapters merged into the trunk.
+        if has_adapters(self.model):
+            merge_adapters(self.model)
         save_model_checkpoint(self.model, final, self.model_cfg, self.hf_config, self.tokenizer,
                               kind=self.cfg.train.kind,
                               extra={"gvm": {**self._gvm_metadata(stats), "eval_accuracy": eval_accuracy},

@@ -9,6 +9,7 @@ from typing import Literal, Optional
 
 from nemo_dvpo.inference.generation import SamplingConfig
 from nemo_dvpo.models.config import ModelConfig
+from nemo_dvpo.models.lora import LoRAConfig
 from nemo_dvpo.training.optim import OptimConfig
 from nemo_dvpo.utils.distributed import ParallelConfig
 from nemo_dvpo.utils.errors import ConfigError
@@ -152,3 +153,5 @@ class PolicyRunConfig:
     ppo: PolicyUpdateConfig = field(default_factory=PolicyUpdateConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0, decay_style="constant"))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # LoRA adapters on the policy (lora.enabled=true): only they train; the reference is the policy with them off.
+    lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -43,6 +43,7 @@ from nemo_dvpo.evaluation.verifiable import EvaluationInterrupted, evaluate_veri
 from nemo_dvpo.inference.generation import SamplingConfig
 from nemo_dvpo.models.builder import build_gpt_model, resolve_hf_config, unwrap_model
 from nemo_dvpo.models.conversion import export_model_to_hf
+from nemo_dvpo.models.lora import LoRAConfig, adapters_disabled, has_adapters, merge_adapters
 from nemo_dvpo.models.sources import load_tokenizer
 from nemo_dvpo.rlhf.config import EvalConfig, PolicyRunConfig, PolicyUpdateConfig
 from nemo_dvpo.rlhf.rollout import Sample, sample_rollout, token_logprobs
@@ -69,10 +70,11 @@ def freeze(model: list[torch.nn.Module]) -> list[torch.nn.Module]:
 
 
 def build_policy_and_reference(policy_cfg, init_from: Optional[str], optim, seq_length: int,
-                               offload_reference: bool = False):
+                               offload_reference: bool = False, lora: Optional[LoRAConfig] = None):
     """``(policy, reference, hf_config)``: the policy wrapped for training (Megatron DDP) from ``init_from`` (a
     nemo_dvpo checkpoint) or the preset's source, and the reference, a frozen copy of its starting weights
-    (copied in memory, not loaded twice)."""
+    (copied in memory, not loaded twice). With an enabled ``lora`` the policy trains adapters only and the
+    reference is None: it is the policy with its adapters off (:func:`reference_model`)."""
     if init_from is None:
         hf_config = resolve_hf_config(policy_cfg)
         build_kwargs = {}
@@ -82,12 +84,31 @@ def build_policy_and_reference(policy_cfg, init_from: Optional[str], optim, seq_
         build_kwargs = {"hf_config": hf_config, "load_weights": False,
                         "transform": lambda model: (load_sharded_weights(model, weights), model)[1]}
     policy = build_gpt_model(policy_cfg, wrap_with_ddp=True, ddp_config=ddp_config_for(optim), seq_length=seq_length,
-                             **build_kwargs)
+                             lora=lora, **build_kwargs)
+    if lora is not None and lora.enabled:
+        return policy, None, hf_config
     reference = freeze(build_gpt_model(policy_cfg, hf_config=hf_config, load_weights=False, seq_length=seq_length))
     unwrap_model(reference[0]).load_state_dict(unwrap_model(policy[0]).state_dict())
     if offload_enabled(offload_reference):
         move_parameters(reference, "cpu")
     return policy, reference, hf_config
+
+
+@contextmanager
+def reference_model(reference: Optional[list[torch.nn.Module]], policy: list[torch.nn.Module]):
+    """The model that computes the reference's log-probs: its own frozen copy, or - when the policy trains LoRA
+    adapters (no copy) - the policy with its adapters off, inside the block."""
+    if reference is not None:
+        yield reference
+        return
+    with adapters_disabled(policy):
+        yield policy
+
+
+def finalize_policy(policy: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The policy as final checkpoints and exports hold it: LoRA adapters merged into the weights (collective
+    over tensor-parallel ranks), so evaluation, serving, ``init_from`` and the HF export read a plain model."""
+    return merge_adapters(policy) if has_adapters(policy) else policy
 
 
 def check_update_layout(update: PolicyUpdateConfig, sequences: int, data_parallel_size: int) -> None:
@@ -161,7 +182,8 @@ class PolicyRun:
         """The policy (trains), its optimizer and the frozen reference; the KL controller."""
         cfg = self.cfg
         self.policy, self.reference, self.hf_config = build_policy_and_reference(
-            self.policy_cfg, cfg.init_from, cfg.optim, self.seq_length, offload_reference=cfg.offload_frozen_models)
+            self.policy_cfg, cfg.init_from, cfg.optim, self.seq_length, offload_reference=cfg.offload_frozen_models,
+            lora=cfg.lora)
         self.optimizer, self.scheduler = build_optimizer(self.policy, cfg.optim,
                                                          cfg.train.steps * self.updates_per_step)
         configure_for_training(self.policy, self.optimizer)
@@ -243,8 +265,9 @@ class PolicyRun:
 
     def reference_logprobs(self, sample: Sample) -> torch.Tensor:
         rollout = self.cfg.rollout
-        with offloaded(self.reference, enabled=self.cfg.offload_frozen_models):
-            logprobs, _ = token_logprobs(self.reference, sample.tokens, sample.response_mask,
+        with offloaded(self.reference or [], enabled=self.cfg.offload_frozen_models), \
+                reference_model(self.reference, self.policy) as reference:
+            logprobs, _ = token_logprobs(reference, sample.tokens, sample.response_mask,
                                          vocab_size=self.vocab_size, temperature=rollout.sampling.temperature,
                                          micro_batch_size=rollout.forward_micro_batch_size)
         return logprobs
@@ -403,6 +426,7 @@ class PolicyRun:
         eval_after = self.evaluate("after") if self.cfg.eval.after else None
         run_dir = Path(self.cfg.run_dir)
         final = run_dir / "final"
+        self.policy = finalize_policy(self.policy)
         save_model_checkpoint(self.policy, final, self.policy_cfg, self.hf_config, self.tokenizer, kind="policy",
                               extra={**(metadata or {}), "step": self.final_step})
         for name, trained in self.extra_models.items():

@@ -301,11 +301,8 @@ def transformer_engine_available() -> bool:
     return not getattr(module, "__nemo_dvpo_placeholder__", False)
 
 
-@functools.lru_cache(maxsize=None)
-def import_megatron_bridge() -> types.ModuleType:
-    """Import ``megatron.bridge``, with a transient TE placeholder where TE is absent."""
-    if transformer_engine_available():
-        return importlib.import_module("megatron.bridge")
+def _import_with_te_placeholder(*names: str) -> list[types.ModuleType]:
+    """Import ``names`` with the inert TE modules registered only for the duration of the import."""
     # Import the megatron-core modules that probe for TE first, so they record "no TE".
     importlib.import_module("megatron.core.models.gpt.gpt_layer_specs")
     importlib.import_module("megatron.core.transformer.transformer_layer")
@@ -314,12 +311,35 @@ def import_megatron_bridge() -> types.ModuleType:
     previous = {name: sys.modules.get(name) for name in placeholders}
     sys.modules.update(placeholders)
     try:
-        bridge = importlib.import_module("megatron.bridge")
-        importlib.import_module("megatron.bridge.models.conversion.auto_bridge")
+        return [importlib.import_module(name) for name in names]
     finally:
         for name, module in previous.items():
             if module is None:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+
+
+@functools.lru_cache(maxsize=None)
+def import_megatron_bridge() -> types.ModuleType:
+    """Import ``megatron.bridge``, with a transient TE placeholder where TE is absent."""
+    if transformer_engine_available():
+        return importlib.import_module("megatron.bridge")
+    bridge, _ = _import_with_te_placeholder("megatron.bridge", "megatron.bridge.models.conversion.auto_bridge")
     return bridge
+
+
+@functools.lru_cache(maxsize=None)
+def import_megatron_bridge_peft() -> types.ModuleType:
+    """Import ``megatron.bridge.peft.lora`` (it imports ``transformer_engine.pytorch`` unconditionally).
+
+    Without TE, megatron-core's TE extension module still imports (its classes become mocks), so the PEFT
+    utilities would believe TE is present and ``isinstance``-test layers against those mocks, which raises;
+    they are told the truth.
+    """
+    import_megatron_bridge()
+    if transformer_engine_available():
+        return importlib.import_module("megatron.bridge.peft.lora")
+    lora, peft_utils = _import_with_te_placeholder("megatron.bridge.peft.lora", "megatron.bridge.peft.utils")
+    peft_utils.HAVE_TE = False
+    return lora
