@@ -84,6 +84,11 @@ def make_bridge(hf_config, hf_model: Optional[torch.nn.Module] = None, for_expor
     return AutoBridge(pretrained)
 
 
+def params_dtype(precision: str) -> torch.dtype:
+    """The dtype a model of ``model.precision`` holds its parameters in."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def make_provider(hf_config, model_cfg: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                   seq_length: Optional[int] = None, **overrides: Any):
     """A finalized megatron-bridge ``GPTModelProvider`` for the current parallel layout."""
@@ -96,7 +101,7 @@ def make_provider(hf_config, model_cfg: ModelConfig, tensor_parallel: int = 1, p
     provider.transformer_layer_spec = te_layer_spec if use_transformer_engine() else local_layer_spec
     provider.bf16 = model_cfg.precision == "bf16"
     provider.fp16 = model_cfg.precision == "fp16"
-    provider.params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[model_cfg.precision]
+    provider.params_dtype = params_dtype(model_cfg.precision)
     provider.pipeline_dtype = provider.params_dtype
     # Dropout is off: RLHF log-probabilities must be deterministic functions of the weights.
     provider.hidden_dropout = 0.0

@@ -4,8 +4,11 @@ The trunk is the policy's architecture (any preset, any TP/PP); on the last pipe
 vocabulary projection is replaced by a ``hidden -> 1`` linear head, so ``model(tokens, ...)``
 returns values of shape (batch, seq, 1) where a GPT returns logits. The head
 
-* is kept in fp32 even when the trunk runs in bf16 (the targets are small returns around +-1,
-  and bf16's 8-bit mantissa would quantise them),
+* computes in fp32 even when the trunk runs in bf16: its input, the final hidden state, is cast to fp32
+  and so are its weights (the targets are small returns around +-1, and a bf16 output's 8-bit mantissa
+  would quantise them). A frozen model keeps the head's parameters in fp32; a model being trained in
+  bf16 holds them in bf16 like the trunk, with fp32 master weights in the optimizer (see
+  :func:`attach_value_head` for why),
 * is zero-initialised (every token starts at value 0, the midpoint of the +-1 labels), and
 * is replicated across tensor-parallel ranks: its input, the final hidden state, is identical on
   every TP rank, so the head's gradients are too.
@@ -19,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from nemo_dvpo.models.builder import build_gpt_model, unwrap_model
+from nemo_dvpo.models.builder import build_gpt_model, params_dtype, unwrap_model
 from nemo_dvpo.models.config import ModelConfig
 
 
@@ -37,16 +40,18 @@ class ValueHead(torch.nn.Module):
     # With LoRA the trunk is frozen but the head, new and tiny, trains fully (nemo_dvpo.models.lora).
     lora_trains_fully = True
 
-    def __init__(self, hidden_size: int, tp_group=None):
+    def __init__(self, hidden_size: int, tp_group=None, dtype: torch.dtype = torch.float32):
         super().__init__()
         # The model's tensor-parallel group (checkpoint replica ids); None means the global one.
         self.tp_group = tp_group
-        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32))
-        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=torch.float32))
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
 
     def forward(self, hidden_states: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):
-        values = torch.nn.functional.linear(hidden_states.float(), self.weight, self.bias)
+        # fp32 arithmetic whatever the parameters' dtype (``.float()`` is free on fp32 tensors); the
+        # gradient of bf16 parameters is rounded to bf16 once, as the trunk's are.
+        values = torch.nn.functional.linear(hidden_states.float(), self.weight.float(), self.bias.float())
         return values, None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
@@ -61,15 +66,26 @@ class ValueHead(torch.nn.Module):
                                                    dp_cp_group=metadata["dp_cp_group"])
 
 
-def attach_value_head(model: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    """Replace the vocabulary projection of each last-stage chunk with a fresh :class:`ValueHead`."""
+def attach_value_head(model: list[torch.nn.Module], dtype: torch.dtype = torch.float32) -> list[torch.nn.Module]:
+    """Replace the vocabulary projection of each last-stage chunk with a fresh :class:`ValueHead` whose
+    parameters are ``dtype`` (its arithmetic is fp32 either way).
+
+    A model that will be trained in bf16/fp16 takes the trunk's dtype for the head: megatron-core
+    0.16.1's mixed-precision optimizers keep fp32 master weights for every half-precision parameter, but
+    cannot checkpoint a model that mixes half-precision and fp32 parameters (the fp16/bf16 optimizer
+    maps only its half-precision parameters to checkpoint keys, and the distributed optimizer's
+    data-parallel-reshardable state assumes one buffer dtype). With one dtype both save and resume
+    through megatron-core's own code, and the head is still updated in fp32 (its master weights) and
+    computed in fp32; only the forward's copy of the weights is rounded, like the bf16 hidden state it
+    multiplies. A frozen model keeps an fp32 head, so loading an fp32 head rounds nothing.
+    """
     for chunk in model:
         gpt = unwrap_model(chunk)
         # Every stage must agree: with tied embeddings Megatron all-reduces the embedding gradient
         # between the first and last stage, and the last stage no longer holds an embedding copy.
         gpt.share_embeddings_and_output_weights = False
         if gpt.post_process:
-            gpt.output_layer = ValueHead(gpt.config.hidden_size, tp_group=gpt.pg_collection.tp)
+            gpt.output_layer = ValueHead(gpt.config.hidden_size, tp_group=gpt.pg_collection.tp, dtype=dtype)
     return model
 
 
@@ -90,6 +106,8 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
     is fresh (zero) unless restored. With a
     checkpoint, only ``model_cfg.precision`` is taken from ``model_cfg``; the shape is the checkpoint's.
     An enabled ``lora`` (:class:`nemo_dvpo.models.lora.LoRAConfig`) adds adapters to the trunk after loading.
+    A model wrapped for training (``wrap_with_ddp``) holds its head in ``model_cfg.precision``, a frozen one
+    in fp32 (:func:`attach_value_head`).
     """
     from nemo_dvpo.checkpointing.model_checkpoint import (
         load_hf_config_from_checkpoint,
@@ -98,10 +116,11 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
         read_checkpoint_model_config,
     )
 
+    head_dtype = params_dtype(model_cfg.precision) if wrap_with_ddp else torch.float32
     if init_from is None:
         return build_gpt_model(model_cfg, wrap_with_ddp=wrap_with_ddp, ddp_config=ddp_config,
-                               seq_length=seq_length, transform=attach_value_head, pg_collection=pg_collection,
-                               lora=lora)
+                               seq_length=seq_length, transform=lambda model: attach_value_head(model, head_dtype),
+                               pg_collection=pg_collection, lora=lora)
     metadata = read_checkpoint_metadata(init_from)
     hf_config = load_hf_config_from_checkpoint(init_from)
     # The checkpoint defines the shape; the caller chooses the precision to run in.
@@ -109,14 +128,14 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
     weights = Path(init_from) / "weights"
     if metadata["kind"] in VALUE_MODEL_KINDS:
         def transform(model):
-            attach_value_head(model)
+            attach_value_head(model, head_dtype)
             load_sharded_weights(model, weights)
             return model
     else:
         def transform(model):
             # The trunk's own output layer is loaded and then discarded by the head swap.
             load_sharded_weights(model, weights)
-            return attach_value_head(model)
+            return attach_value_head(model, head_dtype)
     return build_gpt_model(model_cfg, hf_config=hf_config, load_weights=False, wrap_with_ddp=wrap_with_ddp,
                            ddp_config=ddp_config, seq_length=seq_length, transform=transform,
                            pg_collection=pg_collection, lora=lora)

@@ -153,14 +153,6 @@ class GVMRecipe:
         self.cfg = cfg
         self.stop = stop or GracefulStop()
         model_cfg = cfg.model
-        if model_cfg.precision != "fp32":
-            # The fp32 value head makes the model mixed-dtype, and megatron-core 0.16.1's optimizers
-            # cannot checkpoint that: the fp16/bf16 optimizer maps only half-precision parameters
-            # (KeyError), and the distributed optimizer's dp_reshardable state mismatches its
-            # per-dtype buffers (AssertionError). Refuse now rather than at the first checkpoint.
-            raise ConfigError(
-                f"model.precision={model_cfg.precision}: GVM training currently needs model.precision=fp32 "
-                "(megatron-core 0.16.1 cannot checkpoint a bf16 trunk with an fp32 value head)")
         initialize_distributed(cfg.parallel, num_attention_heads=model_cfg.num_attention_heads,
                                num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
         if cfg.init_from is not None:
