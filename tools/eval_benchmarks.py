@@ -31,7 +31,8 @@ ALL_BENCHMARKS = "ifeval,mt_bench,arena_hard,alpaca_eval"
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("what is evaluated (one of)")
-    source.add_argument("--model", help="a nemo_dvpo checkpoint folder, a Hugging Face folder / .gguf, or a preset name")
+    source.add_argument("--model",
+                        help="a nemo_dvpo checkpoint folder, a Hugging Face folder / .gguf, or a preset name")
     source.add_argument("--answers-from", metavar="URL", help="an OpenAI-compatible server's base URL (…/v1)")
     source.add_argument("--answers-model", help="the model name at --answers-from (default: its only model)")
     source.add_argument("--answers-api-key-env", default="OPENAI_API_KEY", help="variable holding its API key")

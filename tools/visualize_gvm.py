@@ -56,7 +56,8 @@ def main(argv=None) -> None:
     if args.data:
         records, _ = read_preference_records(args.data, dataclass_replace(config, max_records=args.index + 1))
         if len(records) <= args.index:
-            raise NemoDvpoError(f"{args.data} has only {len(records)} valid records; --index {args.index} is out of range")
+            raise NemoDvpoError(f"{args.data} has only {len(records)} valid records; "
+                                f"--index {args.index} is out of range")
         record = records[args.index]
         titles = ["chosen", "rejected"] if len(record.responses) == 2 else ["response"]
     else:

@@ -465,7 +465,8 @@ def evaluate_policy(policy, tokenizer, prompts: Optional[PromptSet], data_parall
         completed, checkpoint = on_stop()
         raise TrainingStopped(stopped_message(tag, stop.signal_name, completed, total_steps, checkpoint)) from None
     print_rank_zero(f"[{tag}] held-out verifiable score {when} training: {result['mean']:.4f} +- "
-                    f"{result['ci95']:.4f} over {result['num_prompts']} prompts ({time.perf_counter() - started:.0f} s)")
+                    f"{result['ci95']:.4f} over {result['num_prompts']} prompts "
+                    f"({time.perf_counter() - started:.0f} s)")
     return result
 
 

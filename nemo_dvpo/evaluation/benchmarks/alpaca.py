@@ -153,7 +153,8 @@ class AlpacaEval(Benchmark):
             if answer is None:
                 continue
             identifier = self.model_identifier(item["id"])
-            first, second = (answer["answer"], item["output"]) if identifier == "m" else (item["output"], answer["answer"])
+            ours_first = identifier == "m"
+            first, second = (answer["answer"], item["output"]) if ours_first else (item["output"], answer["answer"])
             prompt = template.format(instruction=item["instruction"], output_1=first, output_2=second)
             tasks.append({"id": item["id"], "model_identifier": identifier, "messages": judge_messages(system, prompt)})
         return tasks

@@ -81,7 +81,8 @@ class MegatronAnswerer:
             requests = [CompletionRequest(prompts[index], sampling.max_new_tokens) for index in fits]
             for index, completion in zip(fits, complete(self.policy, requests, config)):
                 answers[index] = Answer(completion.text, completion.finish_reason, completion.completion_tokens)
-        gathered = {index: answer for part in self.data_parallel.gather_objects(answers) for index, answer in part.items()}
+        gathered = {index: answer for part in self.data_parallel.gather_objects(answers)
+                    for index, answer in part.items()}
         return [gathered[index] for index in range(len(chats))]
 
     def describe(self, sampling: Sampling) -> dict:

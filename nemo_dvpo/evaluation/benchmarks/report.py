@@ -82,8 +82,8 @@ def write_report(folders: list[Path], output_dir: Path) -> Path:
     metrics = list(dict.fromkeys(metric for rows in table.values() for metric in rows))
     lines = ["# Benchmark comparison", "",
              "Scores with 95% intervals in brackets (IFEval: normal approximation clipped to 0-100; MT-Bench: normal "
-             "approximation over rated turns; Arena-Hard: bootstrap over questions; AlpacaEval: 1.96 x alpaca_eval's standard "
-             "error). `-`: not evaluated or nothing could be scored.", "",
+             "approximation over rated turns; Arena-Hard: bootstrap over questions; AlpacaEval: 1.96 x alpaca_eval's "
+             "standard error). `-`: not evaluated or nothing could be scored.", "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for metric in metrics:
         lines.append(f"| {metric} | " + " | ".join(_cell(*table[name].get(metric, (None, None, None)))
