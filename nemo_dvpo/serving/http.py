@@ -28,6 +28,7 @@ import os
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator, Optional
@@ -222,7 +223,7 @@ class Pending:
     error: Optional[str] = field(default=None, kw_only=True)
 
 
-class BatchingService:
+class BatchingService(ABC):
     """Queues requests from HTTP threads; :meth:`run` (the main thread) answers them in batches.
 
     A subclass says which queued requests join a batch (:meth:`batches_from`) and answers a batch with one
@@ -262,9 +263,9 @@ class BatchingService:
         """The batches to answer, starting from ``first`` (by default ``first`` alone)."""
         yield [first]
 
+    @abstractmethod
     def answer(self, batch: list[Pending]) -> list[Any]:
         """Run the model on ``batch``: one result per request, in order (an exception fails the batch)."""
-        raise NotImplementedError
 
     def _answer(self, batch: list[Pending]) -> None:
         try:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Optional
 
 from nemo_dvpo.evaluation.benchmarks.answers import Answer, Sampling
 
 
-class Benchmark:
+class Benchmark(ABC):
     """One benchmark: its questions, how they are answered, judged and scored.
 
     Records are plain JSON objects keyed by ``id``: ``answers.jsonl`` holds one per question,
@@ -29,21 +30,24 @@ class Benchmark:
             max_new_tokens = min(max_new_tokens, self.max_new_tokens_cap)
         return Sampling(temperature=temperature, max_new_tokens=max_new_tokens)
 
+    @abstractmethod
     def items(self, limit: Optional[int]) -> list[dict]:
-        raise NotImplementedError
+        """The benchmark's questions (the first ``limit``, or all)."""
 
+    @abstractmethod
     def answer(self, answerer, items: list[dict]) -> list[dict]:
         """Answer records for ``items`` (collective for Megatron answerers)."""
-        raise NotImplementedError
 
     def judge_tasks(self, items: list[dict], answers: dict[str, dict]) -> list[dict]:
         return []
 
     def judge(self, client, task: dict) -> dict:
-        raise NotImplementedError
+        """One judgment record for ``task``; only benchmarks with ``needs_judge`` make judge tasks."""
+        raise TypeError(f"{self.name} has no judge: it makes no judge tasks")
 
+    @abstractmethod
     def score(self, items: list[dict], answers: dict[str, dict], judgments: dict[str, dict]) -> dict:
-        raise NotImplementedError
+        """The benchmark's scores from its answers and judgments."""
 
 
 def generation_record(answerer, sampling: Sampling, answers: list[Answer]) -> dict:
