@@ -1,6 +1,7 @@
-"""bf16 value models on the tiny model: a bf16 trunk trained through fp32 master weights with the value head
-computed in fp32; GVM training killed after its first checkpoint and resumed reproduces the uninterrupted run's
-every logged number, with and without the distributed optimizer; frozen value models keep an fp32 head."""
+"""bf16 value models and policies on the tiny model: a bf16 trunk trained through fp32 master weights with the
+value head computed in fp32; GVM training killed after its first checkpoint and resumed reproduces the
+uninterrupted run's every logged number, with and without the distributed optimizer; frozen value models keep
+an fp32 head; a bf16 DVPO policy killed and resumed reproduces its uninterrupted run, with both optimizers."""
 
 from __future__ import annotations
 
@@ -150,3 +151,47 @@ def test_trained_bf16_value_model_has_bf16_parameters_fp32_masters_and_fp32_valu
     frozen = build_value_model(model_cfg, seq_length=32)
     assert value_head(frozen).weight.dtype == torch.float32
     assert unwrap_model(frozen[0]).embedding.word_embeddings.weight.dtype == torch.bfloat16
+
+
+# -- a bf16 policy: DVPO against an fp32 GVM -------------------------------------------------------------------
+
+def _dvpo_command(work_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
+    # Four steps, a checkpoint after each; the kill comes after step 1, so steps 2-4 are what a resumed run
+    # must reproduce. The policy starts from the fixture's fp32 checkpoint, cast to bf16 on load.
+    return [sys.executable, "examples/train_dvpo.py", "model=tiny", "model.precision=bf16", f"run_dir={run_dir}",
+            f"init_from={work_dir / 'init'}", f"gvm={work_dir / 'gvm'}", "train.steps=4", "train.save_every=1",
+            "export_hf=false", "rollout.prompts_per_step=4", "rollout.sampling.max_new_tokens=10",
+            "ppo.micro_batch_size=1", "data.max_prompt_tokens=96", "eval.before=false", "eval.after=false",
+            "optim.lr=1e-3", *overrides]
+
+
+def _dvpo_metrics(run_dir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {record["step"]: {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
+            for record in records}
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["optimizer", "distributed_optimizer"])
+def test_killed_and_resumed_bf16_dvpo_policy_reproduces_the_uninterrupted_run(tiny_policy_and_gvm, distributed,
+                                                                               tmp_path):
+    option = _optimizer_option(distributed)
+    reference = tmp_path / "uninterrupted"
+    _run(_dvpo_command(tiny_policy_and_gvm, reference, option))
+    killed = tmp_path / "killed"
+    kill_after_first_checkpoint(_dvpo_command(tiny_policy_and_gvm, killed, option), killed)
+    output = _run(_dvpo_command(tiny_policy_and_gvm, killed, option, "resume=true"))
+    assert "resumed from" in output
+    expected, actual = _dvpo_metrics(reference), _dvpo_metrics(killed)
+    assert sorted(actual) == [1, 2, 3, 4]
+    assert actual == expected
+    # The policy moved (the KL to the reference grows from zero) ...
+    assert expected[1]["rollout/kl"] != expected[4]["rollout/kl"]
+    # ... as bf16 weights trained through fp32 masters that hold what bf16 cannot.
+    step = killed / "checkpoints" / (killed / "checkpoints" / "latest").read_text().strip()
+    weights = _read_distributed_checkpoint(step / "weights")
+    optimizer = _read_distributed_checkpoint(step / "optimizer")
+    assert {value.dtype for value in weights.values()} == {torch.bfloat16}
+    masters = ([value for key, value in optimizer.items() if key.endswith(".param") and ".gbuf_idx_" in key]
+               if distributed else [optimizer[f"optimizer.state.fp32_param.{name}"] for name in weights])
+    assert masters and all(master.dtype == torch.float32 for master in masters)
+    assert any(_has_bits_beyond_bf16(master) for master in masters)

@@ -1,0 +1,111 @@
+"""DPO, PPO, GRPO and DVPO at equal budget: the same start, policy updates and held-out scoring (docs/benchmarks.md).
+
+Every run starts from the same policy and makes the same number of policy optimizer steps:
+
+* PPO and DVPO: ``--steps`` rollouts of ``--prompts`` prompts (one response each), ``--epochs`` passes of
+  mini-batches of ``--mini-batch`` sequences: ``steps * epochs * prompts / mini_batch`` updates;
+* GRPO: the same prompts and updates, ``--group-size`` responses per prompt (mini-batches of
+  ``mini_batch * group_size`` sequences, so the count of updates is the same);
+* DPO (offline): the same count of updates, ``--mini-batch`` pairs each, from the training pairs (it sees
+  ``epochs`` times as many prompts, once each, where the online recipes see each prompt ``epochs`` times).
+
+Each run scores the policy's greedy answers to the first ``--eval-prompts`` held-out verifiable prompts before
+and after training (the recipes' ``eval.before`` / ``eval.after``). Printed per algorithm: the mean score
+before and after, the mean per-prompt change with its 95% interval, prompts better / worse and the sign
+test; the "before" evaluations must agree (one starting model), which the script checks. ``--algorithms``
+picks and orders the runs; a finished run is reused unless ``--rerun``.
+
+    python benchmarks/quality_at_equal_budget.py --gvm runs/gvm/final --reward-model runs/rm/final \\
+        --steps 20 --prompts 16 --eval-prompts 192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _runs import REPO_ROOT, run_entry_point
+from verifiable_paired import per_prompt_changes, sign_test_p
+
+from nemo_dvpo.evaluation.verifiable import confidence_interval_95
+
+ENTRY_POINTS = {"dpo": "train_dpo.py", "ppo": "train_ppo.py", "grpo": "train_grpo.py", "dvpo": "train_dvpo.py"}
+
+
+def budget_overrides(algorithm: str, args) -> list[str]:
+    """The overrides that give ``algorithm`` the shared budget and evaluation."""
+    evaluation = [f"eval.num_prompts={args.eval_prompts}", f"eval.max_new_tokens={args.eval_tokens}",
+                  "eval.before=true", "eval.after=true", "export_hf=false"]
+    if algorithm == "dpo":
+        updates = args.steps * args.epochs * args.prompts // args.mini_batch
+        return [f"train.steps={updates}", f"train.global_batch_size={2 * args.mini_batch}",
+                f"train.micro_batch_size={2 * args.micro_batch}", f"train.save_every={updates}",
+                f"train.eval_every={updates}", *evaluation]
+    rollout = [f"train.steps={args.steps}", f"train.save_every={args.steps}", f"rollout.prompts_per_step={args.prompts}",
+               f"rollout.sampling.max_new_tokens={args.response_tokens}", f"ppo.ppo_epochs={args.epochs}",
+               f"ppo.micro_batch_size={args.micro_batch}", *evaluation]
+    if algorithm == "dvpo":
+        return [*rollout, f"gvm={args.gvm}", f"ppo.mini_batch_size={args.mini_batch}"]
+    if algorithm == "ppo":
+        return [*rollout, f"reward_model={args.reward_model}", f"ppo.mini_batch_size={args.mini_batch}"]
+    return [*rollout, f"reward_model={args.reward_model}", f"rollout.samples_per_prompt={args.group_size}",
+            f"ppo.mini_batch_size={args.mini_batch * args.group_size}"]
+
+
+def paired_result(summary: dict) -> dict:
+    before, after = summary["verifiable_score_before"], summary["verifiable_score_after"]
+    changes = per_prompt_changes(before, after, "the run's before and after evaluations")
+    change, half_width = confidence_interval_95(changes)
+    return {"before": before["mean"], "after": after["mean"], "change": change,
+            "ci95": (change - half_width, change + half_width), "better": sum(c > 0 for c in changes), "worse": sum(c < 0 for c in changes),
+            "sign_test_p": sign_test_p(sum(c > 0 for c in changes), sum(c < 0 for c in changes)),
+            "prompts": len(changes), "before_scores": before["scores"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gvm", required=True, help="the GVM DVPO uses (examples/train_gvm.py's final/)")
+    parser.add_argument("--reward-model", required=True, help="the reward model PPO and GRPO use")
+    parser.add_argument("--algorithms", default="dpo,ppo,grpo,dvpo")
+    parser.add_argument("--steps", type=int, default=20, help="rollout steps of the online recipes")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per rollout step")
+    parser.add_argument("--epochs", type=int, default=2, help="passes over each rollout")
+    parser.add_argument("--mini-batch", type=int, default=8, help="sequences (DPO: pairs) per policy update")
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=4, help="GRPO's responses per prompt")
+    parser.add_argument("--response-tokens", type=int, default=128)
+    parser.add_argument("--eval-prompts", type=int, default=192, help="held-out verifiable prompts scored")
+    parser.add_argument("--eval-tokens", type=int, default=160, help="greedy answer length when scoring")
+    parser.add_argument("--run-dir", default="runs/quality_at_equal_budget")
+    parser.add_argument("--rerun", action="store_true", help="train again even where a run has finished")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every recipe (e.g. model=...)")
+    args = parser.parse_args()
+    if (args.prompts * args.epochs) % args.mini_batch:
+        parser.error("--prompts x --epochs must be a multiple of --mini-batch (whole policy updates per step)")
+
+    results = {}
+    for algorithm in args.algorithms.split(","):
+        run_dir = (REPO_ROOT / args.run_dir / algorithm).resolve()
+        if args.rerun or not (run_dir / "summary.json").exists():
+            run_entry_point(ENTRY_POINTS[algorithm], [f"run_dir={run_dir}", "overwrite=true",
+                                                      *budget_overrides(algorithm, args), *args.overrides])
+        results[algorithm] = paired_result(json.loads((run_dir / "summary.json").read_text()))
+    starts = {tuple(result.pop("before_scores")) for result in results.values()}
+    if len(starts) > 1:
+        raise SystemExit("the runs scored different starting policies (their 'before' answers differ): "
+                         "they did not start from the same model")
+
+    updates = args.steps * args.epochs * args.prompts // args.mini_batch
+    print(f"\n{updates} policy updates each; {next(iter(results.values()))['prompts']} held-out verifiable prompts, "
+          "greedy; change = after - before per prompt")
+    print(f"{'':6s} {'before':>7s} {'after':>7s} {'change':>8s} {'95% CI':>18s} {'better':>6s} {'worse':>6s} "
+          f"{'sign p':>7s}")
+    for algorithm, r in results.items():
+        print(f"{algorithm:6s} {r['before']:7.4f} {r['after']:7.4f} {r['change']:+8.4f} "
+              f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] {r['better']:6d} {r['worse']:6d} {r['sign_test_p']:7.3f}")
+    (REPO_ROOT / args.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
