@@ -6,13 +6,13 @@ Each evaluation folder's ``scores.json`` gives one column; charts show each scor
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Optional
 
 from nemo_dvpo.evaluation.benchmarks.store import write_bytes_atomic
 from nemo_dvpo.utils.errors import NemoDvpoError
+from nemo_dvpo.utils.figures import png_bytes, pyplot
 
 
 def load_scores(folder: Path) -> dict:
@@ -112,21 +112,8 @@ def write_report(folders: list[Path], output_dir: Path) -> Path:
     return report
 
 
-def _figure_bytes(figure) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return buffer.getvalue()
-
-
 def _scores_chart(names: list[str], metrics: list[str], table: dict) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = max(1, len(metrics))
     figure, axes = plt.subplots(rows, 1, figsize=(7, 1.1 * rows + 0.6), squeeze=False)
     for axis, metric in zip(axes[:, 0], metrics or ["(no scores)"]):
@@ -140,15 +127,11 @@ def _scores_chart(names: list[str], metrics: list[str], table: dict) -> bytes:
         axis.set_title(metric, fontsize=8, loc="left")
         axis.tick_params(axis="x", labelsize=7)
     figure.tight_layout()
-    return _figure_bytes(figure)
+    return png_bytes(figure)
 
 
 def _categories_chart(names: list[str], categories: list[str], evaluations: list) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(max(5, 1.1 * len(categories) + 2), 3.2))
     width = 0.8 / max(1, len(names))
     for index, (name, (_, scores)) in enumerate(zip(names, evaluations)):
@@ -162,4 +145,4 @@ def _categories_chart(names: list[str], categories: list[str], evaluations: list
     if names and categories:
         axis.legend(fontsize=7)
     figure.tight_layout()
-    return _figure_bytes(figure)
+    return png_bytes(figure)
