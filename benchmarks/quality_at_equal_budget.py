@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from _runs import REPO_ROOT, run_entry_point
 from verifiable_paired import per_prompt_changes, sign_test_p
@@ -42,9 +41,9 @@ def budget_overrides(algorithm: str, args) -> list[str]:
         return [f"train.steps={updates}", f"train.global_batch_size={2 * args.mini_batch}",
                 f"train.micro_batch_size={2 * args.micro_batch}", f"train.save_every={updates}",
                 f"train.eval_every={updates}", *evaluation]
-    rollout = [f"train.steps={args.steps}", f"train.save_every={args.steps}", f"rollout.prompts_per_step={args.prompts}",
-               f"rollout.sampling.max_new_tokens={args.response_tokens}", f"ppo.ppo_epochs={args.epochs}",
-               f"ppo.micro_batch_size={args.micro_batch}", *evaluation]
+    rollout = [f"train.steps={args.steps}", f"train.save_every={args.steps}",
+               f"rollout.prompts_per_step={args.prompts}", f"rollout.sampling.max_new_tokens={args.response_tokens}",
+               f"ppo.ppo_epochs={args.epochs}", f"ppo.micro_batch_size={args.micro_batch}", *evaluation]
     if algorithm == "dvpo":
         return [*rollout, f"gvm={args.gvm}", f"ppo.mini_batch_size={args.mini_batch}"]
     if algorithm == "ppo":
@@ -57,10 +56,10 @@ def paired_result(summary: dict) -> dict:
     before, after = summary["verifiable_score_before"], summary["verifiable_score_after"]
     changes = per_prompt_changes(before, after, "the run's before and after evaluations")
     change, half_width = confidence_interval_95(changes)
+    better, worse = sum(c > 0 for c in changes), sum(c < 0 for c in changes)
     return {"before": before["mean"], "after": after["mean"], "change": change,
-            "ci95": (change - half_width, change + half_width), "better": sum(c > 0 for c in changes), "worse": sum(c < 0 for c in changes),
-            "sign_test_p": sign_test_p(sum(c > 0 for c in changes), sum(c < 0 for c in changes)),
-            "prompts": len(changes), "before_scores": before["scores"]}
+            "ci95": (change - half_width, change + half_width), "better": better, "worse": worse,
+            "sign_test_p": sign_test_p(better, worse), "prompts": len(changes), "before_scores": before["scores"]}
 
 
 def main() -> None:
