@@ -352,9 +352,23 @@ def generate(model, tokenizer, prompt_token_ids: Sequence[Sequence[int]], sampli
         controller.generate_all_output_tokens_static_batch(requests)
     finally:
         module.train(was_training)
+        _forget_inference_rotary_tables()
 
     return _assemble(prompts, controller.response_tokens.cpu(), controller.response_logprobs.cpu(),
                      controller.response_lengths.cpu(), pad_token_id, tokenizer)
+
+
+def _forget_inference_rotary_tables() -> None:
+    """Drop the rotary-embedding tables megatron-core cached while generating.
+
+    ``RotaryEmbedding.forward`` is an ``lru_cache`` shared by every model, and megatron's generation loop
+    runs under ``torch.inference_mode``: the tables it caches are inference tensors, which a later training
+    forward pass of the same length would reuse - and activation recomputation saves them for backward,
+    which autograd refuses. Rebuilding a table costs microseconds.
+    """
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    RotaryEmbedding.forward.cache_clear()
 
 
 def _assemble(prompts: list[list[int]], response_tokens: torch.Tensor, response_logprobs: torch.Tensor,

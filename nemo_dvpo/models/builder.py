@@ -106,6 +106,9 @@ def make_provider(hf_config, model_cfg: ModelConfig, tensor_parallel: int = 1, p
     # Dropout is off: RLHF log-probabilities must be deterministic functions of the weights.
     provider.hidden_dropout = 0.0
     provider.attention_dropout = 0.0
+    if model_cfg.activation_recompute == "full":
+        provider.recompute_granularity, provider.recompute_method, provider.recompute_num_layers = \
+            "full", "uniform", 1
     if not torch.cuda.is_available():
         for name in _CPU_UNSUPPORTED_FUSIONS:
             setattr(provider, name, False)

@@ -46,6 +46,11 @@ class ModelConfig:
     random_init: bool = False
     # Parameter / compute precision. bf16 and fp16 wrap the model in Megatron's Float16Module.
     precision: Precision = "fp32"
+    # Activation recomputation in training: "full" keeps only each transformer layer's input during the
+    # forward pass and recomputes the layer in backward (Megatron's uniform full recompute, one layer per
+    # checkpoint) - activation memory of one layer instead of all of them, for about one more forward pass.
+    # Frozen models (reference, GVM, reward model) and generation run without gradients and are unaffected.
+    activation_recompute: Literal["none", "full"] = "none"
     # Special tokens; null takes them from the tokenizer.
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None

@@ -103,8 +103,8 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
     ``init_from`` selects the trunk's weights: None takes ``model_cfg.source`` (an HF folder, hub id
     or GGUF file); a nemo_dvpo model checkpoint folder loads that model's trunk; a GVM checkpoint
     (any of :data:`VALUE_MODEL_KINDS`: a GVM, a reward model, PPO's critic) restores trunk and head. The head
-    is fresh (zero) unless restored. With a
-    checkpoint, only ``model_cfg.precision`` is taken from ``model_cfg``; the shape is the checkpoint's.
+    is fresh (zero) unless restored. With a checkpoint, only ``model_cfg.precision`` and
+    ``model_cfg.activation_recompute`` are taken from ``model_cfg``; the shape is the checkpoint's.
     An enabled ``lora`` (:class:`nemo_dvpo.models.lora.LoRAConfig`) adds adapters to the trunk after loading.
     A model wrapped for training (``wrap_with_ddp``) holds its head in ``model_cfg.precision``, a frozen one
     in fp32 (:func:`attach_value_head`).
@@ -123,8 +123,9 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
                                pg_collection=pg_collection, lora=lora)
     metadata = read_checkpoint_metadata(init_from)
     hf_config = load_hf_config_from_checkpoint(init_from)
-    # The checkpoint defines the shape; the caller chooses the precision to run in.
-    model_cfg = dataclasses.replace(read_checkpoint_model_config(init_from), precision=model_cfg.precision)
+    # The checkpoint defines the shape; the caller chooses the precision and the activation recompute.
+    model_cfg = dataclasses.replace(read_checkpoint_model_config(init_from), precision=model_cfg.precision,
+                                    activation_recompute=model_cfg.activation_recompute)
     weights = Path(init_from) / "weights"
     if metadata["kind"] in VALUE_MODEL_KINDS:
         def transform(model):

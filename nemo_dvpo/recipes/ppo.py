@@ -93,7 +93,8 @@ class PPORecipe:
 
     def build_critic(self, init_from: str, updates_per_step: int) -> TrainedModel:
         cfg, run = self.cfg, self.run
-        model_cfg = dataclasses.replace(read_checkpoint_model_config(init_from), precision=run.policy_cfg.precision)
+        model_cfg = dataclasses.replace(read_checkpoint_model_config(init_from), precision=run.policy_cfg.precision,
+                                        activation_recompute=run.policy_cfg.activation_recompute)
         if model_cfg.vocab_size != run.policy_cfg.vocab_size:
             raise ConfigError(f"critic.init_from={init_from} has vocabulary size {model_cfg.vocab_size}, the policy "
                               f"{run.policy_cfg.vocab_size}")
