@@ -183,6 +183,13 @@ def test_the_entry_point_composes_defaults_and_overrides(tmp_path):
     register_defaults("dvpo_defaults", DVPORecipeConfig)
     with initialize_config_dir(config_dir=str(Path(REPO_ROOT) / "conf"), version_base=None):
         cfg = parse_config(compose("dvpo", overrides=["ppo.clip=0.3", "model=tiny"]))
+        # A model field the preset does not mention is still a plain override (no "+"): its default is the
+        # ModelConfig dataclass's, composed under the preset.
+        tuned = parse_config(compose("dvpo", overrides=["model=tiny", "model.activation_recompute=full",
+                                                        "model.random_init=true"]))
     assert cfg.data.max_prompt_tokens == 128          # conf/dvpo.yaml's override
     assert cfg.rollout.forward_micro_batch_size == 8  # the dataclass default
     assert cfg.ppo.clip == 0.3 and cfg.model.name == "tiny"
+    assert cfg.model.activation_recompute == "none" and not cfg.model.random_init
+    assert tuned.model.activation_recompute == "full" and tuned.model.random_init
+    assert tuned.model.num_layers == cfg.model.num_layers  # the preset still gives the shape

@@ -123,12 +123,15 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def defaults_of(cls: type, exclude: tuple[str, ...] = ("model",)) -> dict:
+def defaults_of(cls: type, exclude: tuple[str, ...] = ()) -> dict:
     """Every field of dataclass ``cls`` with its default (nested dataclasses included), as plain data.
 
     The dataclasses are the one place defaults live; Hydra composes this under the entry point's YAML,
-    which then holds only the overrides of the embedded default run.
+    which then holds only the overrides of the embedded default run. A required dataclass field (``model``:
+    its shape comes from a preset) contributes the fields that have defaults, so that e.g.
+    ``model.activation_recompute=full`` overrides a preset that does not mention it.
     """
+    hints = typing.get_type_hints(cls)
     values = {}
     for field in dataclasses.fields(cls):
         if field.name in exclude or not field.init:
@@ -137,6 +140,8 @@ def defaults_of(cls: type, exclude: tuple[str, ...] = ("model",)) -> dict:
             value = field.default
         elif field.default_factory is not dataclasses.MISSING:
             value = field.default_factory()
+        elif dataclasses.is_dataclass(hints[field.name]):
+            value = defaults_of(hints[field.name])
         else:
             continue
         values[field.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
