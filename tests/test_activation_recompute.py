@@ -83,7 +83,7 @@ def test_gvm_training_runs_with_full_recompute(tmp_path):
         [sys.executable, "examples/train_gvm.py", "model=tiny", "model.activation_recompute=full",
          f"run_dir={tmp_path / 'gvm'}", f"data.train={FIXTURE_PAIRS}", "data.eval=null", "train.steps=2",
          "train.global_batch_size=4", "train.micro_batch_size=2", "train.save_every=2",
-         "train.value_stats_samples=4", "train.eval_every=2"], cwd=REPO_ROOT, env=entry_point_env(), capture_output=True, text=True,
-        timeout=600)
+         "train.value_stats_samples=4", "train.eval_every=2"],
+        cwd=REPO_ROOT, env=entry_point_env(), capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, (completed.stdout + completed.stderr)[-4000:]
     assert (tmp_path / "gvm" / "final" / "nemo_dvpo_checkpoint.json").exists()
