@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, entry_point_env as _env, kill_after_first_checkpoint
+from tests.test_dvpo_recipe import _command, _given_gvm, _step_metrics
 
 FIXTURE = "tests/fixtures/ultrafeedback_binarized_mini.jsonl"
 # Logged per step but measurements of the machine, not of the training.
@@ -156,19 +157,10 @@ def test_trained_bf16_value_model_has_bf16_parameters_fp32_masters_and_fp32_valu
 # -- a bf16 policy: DVPO against an fp32 GVM -------------------------------------------------------------------
 
 def _dvpo_command(work_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
-    # Four steps, a checkpoint after each; the kill comes after step 1, so steps 2-4 are what a resumed run
-    # must reproduce. The policy starts from the fixture's fp32 checkpoint, cast to bf16 on load.
-    return [sys.executable, "examples/train_dvpo.py", "model=tiny", "model.precision=bf16", f"run_dir={run_dir}",
-            f"init_from={work_dir / 'init'}", f"gvm={work_dir / 'gvm'}", "train.steps=4", "train.save_every=1",
-            "export_hf=false", "rollout.prompts_per_step=4", "rollout.sampling.max_new_tokens=10",
-            "ppo.micro_batch_size=1", "data.max_prompt_tokens=96", "eval.before=false", "eval.after=false",
-            "optim.lr=1e-3", *overrides]
-
-
-def _dvpo_metrics(run_dir: Path) -> dict[int, dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {record["step"]: {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
-            for record in records}
+    # The tiny DVPO run of test_dvpo_recipe (four steps, a checkpoint after each; the kill comes after step 1),
+    # its policy in bf16: it starts from the fixture's fp32 checkpoint, cast to bf16 on load.
+    return _command(run_dir, *_given_gvm(work_dir), "model.precision=bf16", "eval.before=false", "eval.after=false",
+                    *overrides)
 
 
 @pytest.mark.parametrize("distributed", [False, True], ids=["optimizer", "distributed_optimizer"])
@@ -181,7 +173,7 @@ def test_killed_and_resumed_bf16_dvpo_policy_reproduces_the_uninterrupted_run(ti
     kill_after_first_checkpoint(_dvpo_command(tiny_policy_and_gvm, killed, option), killed)
     output = _run(_dvpo_command(tiny_policy_and_gvm, killed, option, "resume=true"))
     assert "resumed from" in output
-    expected, actual = _dvpo_metrics(reference), _dvpo_metrics(killed)
+    expected, actual = _step_metrics(reference), _step_metrics(killed)
     assert sorted(actual) == [1, 2, 3, 4]
     assert actual == expected
     # The policy moved (the KL to the reference grows from zero) ...
