@@ -73,6 +73,26 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(tiny_hf_folder, tmp_p
     assert torch.equal(generated[0], generated[1])
 
 
+def test_a_saved_gguf_tokenizer_keeps_its_ids_and_template_without_a_copy_of_the_model(tmp_path):
+    from transformers import AutoTokenizer
+
+    from nemo_dvpo.models.sources import load_tokenizer, save_tokenizer
+
+    source = load_tokenizer(load_model_config("tiny").tokenizer_source)
+    save_tokenizer(source, tmp_path)
+    # transformers takes a GGUF file as the slow tokenizer's "vocabulary"; saving it would put the
+    # whole quantised model (98 MB) into every checkpoint as tokenizer.model.
+    assert not (tmp_path / "tokenizer.model").exists()
+    assert sum(path.stat().st_size for path in tmp_path.iterdir()) < 10_000_000
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Write 3 haikus about <|im_start|> naïve tokenizers, then stop."
+    assert reloaded(text).input_ids == source(text).input_ids
+    chat = [{"role": "user", "content": "Hi"}]
+    assert (reloaded.apply_chat_template(chat, add_generation_prompt=True)
+            == source.apply_chat_template(chat, add_generation_prompt=True))
+    assert reloaded.eos_token == source.eos_token and reloaded.pad_token == source.pad_token
+
+
 @pytest.mark.parametrize("layout", [("--tp", "2"), ("--pp", "2")], ids=["tp2", "pp2"])
 def test_checkpoint_resaved_from_a_parallel_run_exports_bit_exact(layout, tmp_path, smollm2_hf_folder,
                                                                  megatron_single_rank):

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_dvpo.models.config import ModelConfig
+from nemo_dvpo.models.sources import save_tokenizer
 from nemo_dvpo.utils.config import from_dict
 from nemo_dvpo.utils.errors import CheckpointError
 
@@ -274,7 +275,7 @@ def save_hf_artifacts(folder: Path, hf_config, tokenizer=None) -> None:
     except ValueError:
         pass  # a config with no generation-relevant fields
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
 
 
 def save_model_checkpoint(model: list[torch.nn.Module], path: str | Path, model_cfg: ModelConfig,

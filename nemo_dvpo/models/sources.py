@@ -145,7 +145,7 @@ def _dequantize_gguf(resolved: ResolvedSource, folder: Path) -> None:
     partial.mkdir(parents=True)
     try:
         model.save_pretrained(partial, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
+        save_tokenizer(tokenizer, partial)
         try:
             partial.rename(folder)
         except OSError:
@@ -195,6 +195,16 @@ def load_hf_model(source: str, dtype: torch.dtype = torch.float32):
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     return model.eval()
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """Write ``tokenizer`` (chat template included) to ``folder``.
+
+    A fast tokenizer is written as tokenizer.json only: its slow-format "vocabulary file" can be
+    anything the tokenizer was read from - for a GGUF source it is the whole quantised model (98 MB
+    for SmolLM2-135M), which every checkpoint would otherwise carry as a bogus tokenizer.model.
+    """
+    tokenizer.save_pretrained(folder, legacy_format=False if tokenizer.is_fast else None)
 
 
 def load_tokenizer(source: str):
