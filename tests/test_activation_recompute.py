@@ -3,6 +3,7 @@ and a training recipe runs with it (the tiny model; the SmolLM2 memory and time 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -75,7 +76,22 @@ def test_dvpo_runs_with_full_recompute_after_generating(tiny_policy_and_gvm, tmp
          "data.max_prompt_tokens=96", "eval.before=false", "eval.after=false"],
         cwd=REPO_ROOT, env=entry_point_env(), capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, (completed.stdout + completed.stderr)[-4000:]
-    assert (tmp_path / "dvpo" / "final" / "nemo_dvpo_checkpoint.json").exists()
+    # The policy comes from an init_from checkpoint saved without recompute: the run's setting still applies.
+    metadata = json.loads((tmp_path / "dvpo" / "final" / "nemo_dvpo_checkpoint.json").read_text())
+    assert metadata["model"]["activation_recompute"] == "full"
+
+
+def test_a_checkpoint_runs_with_the_callers_precision_and_recompute_and_keeps_its_shape(tiny_policy_and_gvm):
+    from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config
+    from nemo_dvpo.models.config import load_model_config
+
+    stored = read_checkpoint_model_config(tiny_policy_and_gvm / "init")
+    caller = load_model_config("tiny", num_layers=stored.num_layers + 1, precision="bf16",
+                               activation_recompute="full")
+    run = read_checkpoint_model_config(tiny_policy_and_gvm / "init", run_as=caller)
+    assert (stored.precision, stored.activation_recompute) == ("fp32", "none")
+    assert (run.precision, run.activation_recompute) == ("bf16", "full")
+    assert run.num_layers == stored.num_layers and run.tokenizer == stored.tokenizer
 
 
 def test_gvm_training_runs_with_full_recompute(tmp_path):

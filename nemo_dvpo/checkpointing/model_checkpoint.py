@@ -340,12 +340,17 @@ def read_checkpoint_metadata(path: str | Path) -> dict:
     return metadata
 
 
-def read_checkpoint_model_config(path: str | Path) -> ModelConfig:
-    """The model config stored in a checkpoint; the tokenizer points into the checkpoint."""
+def read_checkpoint_model_config(path: str | Path, run_as: Optional[ModelConfig] = None) -> ModelConfig:
+    """The model config stored in a checkpoint; the tokenizer points into the checkpoint.
+
+    ``run_as``: the caller's config, whose run settings (``ModelConfig.RUN_SETTINGS``: precision, activation
+    recompute) replace the checkpoint's - the checkpoint says what the model is, the caller how to run it.
+    """
     metadata = read_checkpoint_metadata(path)
     model_cfg = from_dict(ModelConfig, metadata["model"], f"{Path(path) / METADATA_FILE}:model")
     tokenizer = str(Path(path).resolve() / "hf") if metadata.get("has_tokenizer") else None
-    return dataclasses.replace(model_cfg, tokenizer=tokenizer)
+    settings = {name: getattr(run_as, name) for name in ModelConfig.RUN_SETTINGS} if run_as is not None else {}
+    return dataclasses.replace(model_cfg, tokenizer=tokenizer, **settings)
 
 
 def load_hf_config_from_checkpoint(path: str | Path):

@@ -149,6 +149,8 @@ class ModelConfig:
 
     SHAPE_FIELDS = ("architecture", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                     "num_query_groups", "vocab_size", "tie_word_embeddings")
+    # How a model runs, not what it is: the caller's choice, over what a checkpoint was saved with.
+    RUN_SETTINGS = ("precision", "activation_recompute")
 
     def differing_shape_fields(self, other: "ModelConfig") -> list[str]:
         """The fields that decide the weights' shapes and differ between the two configs."""

@@ -16,7 +16,6 @@ returns values of shape (batch, seq, 1) where a GPT returns logits. The head
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -123,9 +122,8 @@ def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None
                                pg_collection=pg_collection, lora=lora)
     metadata = read_checkpoint_metadata(init_from)
     hf_config = load_hf_config_from_checkpoint(init_from)
-    # The checkpoint defines the shape; the caller chooses the precision and the activation recompute.
-    model_cfg = dataclasses.replace(read_checkpoint_model_config(init_from), precision=model_cfg.precision,
-                                    activation_recompute=model_cfg.activation_recompute)
+    # The checkpoint defines the shape; the caller chooses how it runs.
+    model_cfg = read_checkpoint_model_config(init_from, run_as=model_cfg)
     weights = Path(init_from) / "weights"
     if metadata["kind"] in VALUE_MODEL_KINDS:
         def transform(model):

@@ -17,7 +17,6 @@ At the end the GVM is saved with the value statistics of its training data, read
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,8 +155,8 @@ class GVMRecipe:
         initialize_distributed(cfg.parallel, num_attention_heads=model_cfg.num_attention_heads,
                                num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
         if cfg.init_from is not None:
-            # The trunk's shape is the checkpoint's; the config chooses the precision.
-            model_cfg = dataclasses.replace(read_checkpoint_model_config(cfg.init_from), precision=model_cfg.precision)
+            # The trunk's shape is the checkpoint's; the config chooses how it runs.
+            model_cfg = read_checkpoint_model_config(cfg.init_from, run_as=model_cfg)
         self.model_cfg = model_cfg
         checkpoint = prepare_run_dir(cfg.run_dir, resume=cfg.resume, overwrite=cfg.overwrite,
                                      resume_from=cfg.resume_from)

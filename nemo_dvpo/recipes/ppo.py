@@ -15,7 +15,6 @@ policy_loss`. Policy and critic are checkpointed together and resume exactly.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -93,8 +92,7 @@ class PPORecipe:
 
     def build_critic(self, init_from: str, updates_per_step: int) -> TrainedModel:
         cfg, run = self.cfg, self.run
-        model_cfg = dataclasses.replace(read_checkpoint_model_config(init_from), precision=run.policy_cfg.precision,
-                                        activation_recompute=run.policy_cfg.activation_recompute)
+        model_cfg = read_checkpoint_model_config(init_from, run_as=run.policy_cfg)
         if model_cfg.vocab_size != run.policy_cfg.vocab_size:
             raise ConfigError(f"critic.init_from={init_from} has vocabulary size {model_cfg.vocab_size}, the policy "
                               f"{run.policy_cfg.vocab_size}")

@@ -141,9 +141,9 @@ class PolicyRun:
         if cfg.rollout.prompts_per_step % self.data_parallel.size:
             raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the "
                               f"data-parallel size {self.data_parallel.size}")
-        # The policy's shape: the preset's, or the init_from checkpoint's (the config picks the precision).
-        self.policy_cfg = cfg.model if cfg.init_from is None else dataclasses.replace(
-            read_checkpoint_model_config(cfg.init_from), precision=cfg.model.precision)
+        # The policy's shape: the preset's, or the init_from checkpoint's (the config picks how it runs).
+        self.policy_cfg = cfg.model if cfg.init_from is None else read_checkpoint_model_config(
+            cfg.init_from, run_as=cfg.model)
         if self.checkpoint is not None:
             check_resumed_model(self.checkpoint, self.policy_cfg)
         self.tokenizer = load_tokenizer(self.policy_cfg.tokenizer_source)
