@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from nemo_dvpo.utils.errors import NemoDvpoError
 from tests.conftest import REPO_ROOT, SMOLLM2_SOURCE, ServerProcess, entry_point_env
 
 TOOL = [sys.executable, "tools/eval_benchmarks.py"]
@@ -248,6 +249,71 @@ def test_ifeval_scores_equal_lm_evals_own_scoring():
     assert 0 < scores["prompt_level_strict"] < scores["instruction_level_strict"] < 1
     assert scores["prompt_level_loose"] >= scores["prompt_level_strict"]
     assert all(0 < half_width < 1 for half_width in scores["ci95"].values())
+
+
+def _result(strict: list[bool], loose: list[bool]) -> dict:
+    """A per-prompt result shaped like lm-eval's ``process_results``."""
+    return {"prompt_level_strict_acc": all(strict), "inst_level_strict_acc": strict,
+            "prompt_level_loose_acc": all(loose), "inst_level_loose_acc": loose}
+
+
+def test_ifeval_paired_change_against_hand_computed_values():
+    from nemo_dvpo.evaluation.benchmarks.ifeval import ifeval_paired_change
+
+    before = [_result([True, False], [True, False]), _result([True], [True]),
+              _result([False, False, True], [False, False, True])]
+    after = [_result([True, True], [True, True]), _result([True], [True]),
+             _result([True, False, False], [False, False, False])]
+    change = ifeval_paired_change(before, after)
+    # Prompt level strict: d = (1, 0, 0), mean 1/3, sd sqrt(1/3), half-width 1.96 sqrt(1/3) / sqrt(3) = 0.6533.
+    assert change["prompt_level_strict"]["change"] == pytest.approx(1 / 3)
+    assert change["prompt_level_strict"]["ci95"] == pytest.approx(1.96 * (1 / 3) ** 0.5 / 3 ** 0.5)
+    assert (change["prompt_level_strict"]["better"], change["prompt_level_strict"]["worse"]) == (1, 0)
+    # Instruction level strict: followed 1+1+1 of 6 -> 2+1+1 of 6: +1/6; d per prompt (1, 0, 0), so the
+    # half-width is the prompt-level one times 3 prompts / 6 instructions.
+    assert change["instruction_level_strict"]["change"] == pytest.approx(1 / 6)
+    assert change["instruction_level_strict"]["ci95"] == pytest.approx(1.96 * (1 / 3) ** 0.5 / 3 ** 0.5 / 2)
+    # Loose: prompt 1 gains an instruction, prompt 3 loses one: d = (1, 0, -1), no net change.
+    assert change["instruction_level_loose"]["change"] == pytest.approx(0.0)
+    assert (change["instruction_level_loose"]["better"], change["instruction_level_loose"]["worse"]) == (1, 1)
+    assert change["instruction_level_loose"]["ci95"] == pytest.approx(1.96 * 1.0 / 3 ** 0.5 / 2)
+    assert change["n"] == 3
+    with pytest.raises(ValueError, match="same instructions"):
+        ifeval_paired_change(before, [after[0], after[1], _result([True], [True])])
+
+
+def _write_ifeval_answers(folder: Path, docs: list, responses: list, max_new_tokens: int = 1280) -> None:
+    folder.joinpath("ifeval").mkdir(parents=True)
+    folder.joinpath("ifeval", "answers.jsonl").write_text("".join(
+        json.dumps({"id": doc["key"], "answer": response,
+                    "generation": {"max_new_tokens": max_new_tokens, "temperature": 0.0}}) + "\n"
+        for doc, response in zip(docs, responses)))
+    folder.joinpath("scores.json").write_text(json.dumps({"model": folder.name}))
+
+
+def test_the_report_pairs_ifeval_answers_and_its_changes_equal_the_difference_of_lm_evals_scores(tmp_path):
+    from nemo_dvpo.evaluation.benchmarks.assets import ifeval_prompts
+    from nemo_dvpo.evaluation.benchmarks.ifeval import ifeval_scores
+    from nemo_dvpo.evaluation.benchmarks.report import ifeval_paired_lines
+
+    docs = ifeval_prompts(len(IFEVAL_RESPONSES))
+    worse = ["" for _ in IFEVAL_RESPONSES[:3]] + IFEVAL_RESPONSES[3:]  # the first three answers emptied
+    _write_ifeval_answers(tmp_path / "base", docs, IFEVAL_RESPONSES)
+    _write_ifeval_answers(tmp_path / "tuned", docs[::-1], worse[::-1])  # another order: paired by id
+    lines = ifeval_paired_lines([tmp_path / "base", tmp_path / "tuned"], ["base", "tuned"])
+    row = next(line for line in lines if line.startswith("| tuned |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == str(len(docs))
+    before, after = ifeval_scores(docs, IFEVAL_RESPONSES), ifeval_scores(docs, worse)
+    for cell, metric in zip(cells[2:], ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
+                                        "instruction_level_loose")):
+        # The mean paired change is the difference of lm-eval's aggregate scores.
+        assert float(cell.split()[0].rstrip(",")) == pytest.approx(100 * (after[metric] - before[metric]), abs=0.01)
+    assert float(cells[4].split()[0].rstrip(",")) < 0  # emptied answers follow fewer instructions
+
+    _write_ifeval_answers(tmp_path / "capped", docs, IFEVAL_RESPONSES, max_new_tokens=128)
+    with pytest.raises(NemoDvpoError, match="same settings"):
+        ifeval_paired_lines([tmp_path / "base", tmp_path / "capped"], ["base", "capped"])
 
 
 # --- AlpacaEval ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Several evaluations side by side: ``report.md`` and PNG charts (``tools/eval_benchmarks.py --compare``).
 
 Each evaluation folder's ``scores.json`` gives one column; charts show each score with its 95% interval
-(``scores.png``) and MT-Bench's per-category means (``mt_bench_categories.png``).
+(``scores.png``) and MT-Bench's per-category means (``mt_bench_categories.png``). IFEval answers are
+also compared prompt by prompt: each later folder against the first (the starting model, say), with a
+paired 95% interval, which is far tighter than the difference of the two scores' own intervals.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from nemo_dvpo.evaluation.benchmarks.store import write_bytes_atomic
+from nemo_dvpo.evaluation.benchmarks import assets
+from nemo_dvpo.evaluation.benchmarks.ifeval import RESULT_KEYS, ifeval_paired_change, ifeval_results
+from nemo_dvpo.evaluation.benchmarks.store import RecordFile, record_key, write_bytes_atomic
 from nemo_dvpo.utils.errors import NemoDvpoError
 from nemo_dvpo.utils.figures import png_bytes, pyplot
 
@@ -104,12 +108,66 @@ def write_report(folders: list[Path], output_dir: Path) -> Path:
         for category in categories:
             values = [(scores.get("mt_bench") or {}).get("categories", {}).get(category) for _, scores in evaluations]
             lines.append(f"| {category} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
+    lines += ifeval_paired_lines([folder for folder, _ in evaluations], names)
     lines += ["", "Charts: `scores.png` (every score with its interval), `mt_bench_categories.png`.", ""]
     write_bytes_atomic(output_dir / "scores.png", _scores_chart(names, metrics, table))
     write_bytes_atomic(output_dir / "mt_bench_categories.png", _categories_chart(names, categories, evaluations))
     report = output_dir / "report.md"
     write_bytes_atomic(report, "\n".join(lines).encode("utf-8"))
     return report
+
+
+def ifeval_paired_lines(folders: list[Path], names: list[str]) -> list[str]:
+    """The report's section on each folder's IFEval change against the first folder, prompt by prompt.
+
+    Only prompts both folders answered are paired, and only answers made with the same generation settings
+    (a 1280-token answer against a 128-token one would measure the cap, not the model).
+    """
+    with_answers = [(folder, name) for folder, name in zip(folders, names)
+                    if (folder / "ifeval" / "answers.jsonl").is_file()]
+    if len(with_answers) < 2:
+        return []
+    docs = {record_key(doc["key"]): doc for doc in assets.ifeval_prompts()}
+    (base_folder, base_name), others = with_answers[0], with_answers[1:]
+    base_answers = _ifeval_answers(base_folder)
+    lines = ["", f"## IFEval: change against {base_name}, prompt by prompt", "",
+             "Percentage points; 95% interval of the paired per-prompt difference (instruction level: prompts are "
+             "the units, since one answer decides all of a prompt's instructions); better / worse: prompts whose "
+             "result rose / fell.", "",
+             "| evaluation | prompts | " + " | ".join(metric.replace("_", " ") for metric in RESULT_KEYS) + " |",
+             "|---|---|" + "---|" * len(RESULT_KEYS)]
+    for folder, name in others:
+        answers = _ifeval_answers(folder)
+        common = [key for key in base_answers if key in answers and key in docs]
+        if not common:
+            lines.append(f"| {name} | 0 | " + " | ".join("-" for _ in RESULT_KEYS) + " |")
+            continue
+        _check_same_generation(base_folder, base_answers, folder, answers, common)
+        ordered_docs = [docs[key] for key in common]
+        change = ifeval_paired_change(ifeval_results(ordered_docs, [base_answers[key]["answer"] for key in common]),
+                                      ifeval_results(ordered_docs, [answers[key]["answer"] for key in common]))
+        cells = []
+        for metric in RESULT_KEYS:
+            entry = change[metric]
+            interval = "" if entry["ci95"] is None else (f" [{100 * (entry['change'] - entry['ci95']):+.2f}, "
+                                                         f"{100 * (entry['change'] + entry['ci95']):+.2f}]")
+            cells.append(f"{100 * entry['change']:+.2f}{interval}, {entry['better']} / {entry['worse']}")
+        lines.append(f"| {name} | {len(common)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ifeval_answers(folder: Path) -> dict:
+    return RecordFile(folder / "ifeval" / "answers.jsonl", f"{folder} IFEval answers").load()
+
+
+def _check_same_generation(base_folder: Path, base_answers: dict, folder: Path, answers: dict, keys: list) -> None:
+    settings = ("max_new_tokens", "temperature")
+    for key in keys:
+        base = {name: base_answers[key].get("generation", {}).get(name) for name in settings}
+        other = {name: answers[key].get("generation", {}).get(name) for name in settings}
+        if base != other:
+            raise NemoDvpoError(f"--compare: IFEval answer {key} was generated with {other} in {folder} but with "
+                                f"{base} in {base_folder}; pair only answers made with the same settings")
 
 
 def _scores_chart(names: list[str], metrics: list[str], table: dict) -> bytes:
