@@ -106,6 +106,8 @@ def test_main_job_trains_a_gvm_first_then_the_policy_and_exports_it(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["gvm"] == str(run_dir / "gvm" / "final")
     assert set(summary["gvm_heldout_accuracy"]) >= {"mean", "last", "p1", "p99"}
+    assert summary["gvm_heldout_accuracy"]["pairs"] >= 1  # the stage-1 GVM records how many pairs it was checked on
+    assert "what this shows" in output
     assert summary["verifiable_score_before"]["num_prompts"] == 4
     assert summary["verifiable_score_after"]["num_prompts"] == 4
     assert summary["steps_this_run"] == 2 and summary["median_step_s"] > 0
@@ -119,6 +121,24 @@ def test_main_job_trains_a_gvm_first_then_the_policy_and_exports_it(tmp_path):
     generated = hf_model.generate(**prompt, max_new_tokens=4, do_sample=False,
                                   pad_token_id=hf_tokenizer.eos_token_id)
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
+
+
+def test_the_summary_says_what_the_evaluation_can_and_cannot_show():
+    from nemo_dvpo.rlhf.policy_run import _gvm_accuracy, what_the_change_shows
+
+    # The embedded default's size: 32 prompts, a change well inside its interval.
+    small = what_the_change_shows({"mean": -0.016, "ci95": 0.068, "num_prompts": 32}, 6)
+    assert small.startswith("no measurable change: 32 held-out prompts only detect changes beyond +-0.068")
+    assert "6 steps shows the pipeline working" in small
+    assert what_the_change_shows({"mean": 0.066, "ci95": 0.043, "num_prompts": 326}, 20).startswith(
+        "20 steps raised the held-out verifiable score by 0.066 (95% interval excludes 0, 326 prompts)")
+    assert "lowered" in what_the_change_shows({"mean": -0.123, "ci95": 0.054, "num_prompts": 200}, 48)
+    assert what_the_change_shows({"mean": 0.5, "ci95": float("nan"), "num_prompts": 1}, 1).startswith(
+        "no measurable change")
+    # 8 of 12 pairs: Wilson 95% interval 0.391-0.862 (by hand: centre 0.6263, half-width 0.2357).
+    assert _gvm_accuracy({"mean": 8 / 12, "last": 0.25, "pairs": 12}) == (
+        "mean-token 0.667, last-token 0.250 on 12 pairs (mean-token 95% interval 0.39-0.86)")
+    assert _gvm_accuracy({"mean": 0.5, "last": 0.5}) == "mean-token 0.500, last-token 0.500"
 
 
 def test_bad_config_fails_at_start_up_naming_the_field(tmp_path):

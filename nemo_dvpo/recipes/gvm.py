@@ -365,7 +365,8 @@ class GVMRecipe:
             merge_adapters(self.model)
         save_model_checkpoint(self.model, final, self.model_cfg, self.hf_config, self.tokenizer,
                               kind=self.cfg.train.kind,
-                              extra={"gvm": {**self._gvm_metadata(stats), "eval_accuracy": eval_accuracy},
+                              extra={"gvm": {**self._gvm_metadata(stats), "eval_accuracy": eval_accuracy and {
+                                  **eval_accuracy, "pairs": len(self.eval_pairs)}},
                                      "step": self.cfg.train.steps})
         print_rank_zero(f"[gvm] saved the {self.cfg.train.kind} {final} (value mean {stats['mean']:+.4f}, "
                         f"std {stats['std']:.4f})")

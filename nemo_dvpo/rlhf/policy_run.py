@@ -39,6 +39,7 @@ from nemo_dvpo.checkpointing.train_checkpoint import (
 )
 from nemo_dvpo.data.prompts import PromptSet, load_prompts
 from nemo_dvpo.data.splits import EpochStream
+from nemo_dvpo.evaluation.value_accuracy import wilson_interval
 from nemo_dvpo.evaluation.verifiable import EvaluationInterrupted, evaluate_verifiable, paired_change
 from nemo_dvpo.inference.generation import SamplingConfig
 from nemo_dvpo.models.builder import build_gpt_model, resolve_hf_config, unwrap_model
@@ -494,6 +495,33 @@ def _number(value: Optional[float], digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
 
+def _gvm_accuracy(accuracy: dict) -> str:
+    text = f"mean-token {accuracy['mean']:.3f}, last-token {accuracy['last']:.3f}"
+    pairs = accuracy.get("pairs")
+    if not pairs:  # GVMs saved before the pair count was recorded
+        return text
+    low, high = wilson_interval(round(accuracy["mean"] * pairs), pairs)
+    return f"{text} on {pairs} pairs (mean-token 95% interval {low:.2f}-{high:.2f})"
+
+
+def what_the_change_shows(change: dict, steps: Optional[int]) -> str:
+    """One plain sentence on what a run's paired held-out change can and cannot support.
+
+    A change inside its own 95% interval is no evidence either way, and the interval's half-width is the
+    smallest effect that evaluation could have seen - a short run (the embedded default: 6 steps, 32
+    prompts) shows the pipeline working, not the method's effect.
+    """
+    mean, half_width, prompts = change["mean"], change["ci95"], change["num_prompts"]
+    ran = f"{steps} steps" if steps else "this run"
+    if half_width != half_width or abs(mean) <= half_width:  # NaN (one prompt) or an interval spanning 0
+        return (f"no measurable change: {prompts} held-out prompts only detect changes beyond +-{half_width:.3f}; "
+                f"{ran} shows the pipeline working (GVM, rollouts, KL, export), not whether the policy improved. "
+                "A measured gain takes hundreds of held-out prompts and tens of steps (docs/benchmarks.md, Stage 2)")
+    direction = "raised" if mean > 0 else "lowered"
+    return (f"{ran} {direction} the held-out verifiable score by {abs(mean):.3f} (95% interval excludes 0, "
+            f"{prompts} prompts); check it on a benchmark nobody here wrote (tools/eval_benchmarks.py)")
+
+
 def format_summary(title: str, summary: dict) -> str:
     """The end-of-run summary of an RL (or DPO) run, for the terminal: the lines its ``summary.json`` supports."""
     def score(result: Optional[dict]) -> str:
@@ -508,9 +536,8 @@ def format_summary(title: str, summary: dict) -> str:
     if "gvm" in summary:
         accuracy = summary.get("gvm_heldout_accuracy")
         lines += [f"  GVM                        {summary['gvm']}",
-                  "  GVM held-out accuracy      " + (
-                      f"mean-token {accuracy['mean']:.3f}, last-token {accuracy['last']:.3f}" if accuracy
-                      else "not recorded in the GVM checkpoint")]
+                  "  GVM held-out accuracy      " + (_gvm_accuracy(accuracy) if accuracy
+                                                     else "not recorded in the GVM checkpoint")]
     if "reward_model" in summary:
         lines.append(f"  reward model               {summary['reward_model']}")
     if "heldout_pair_accuracy" in summary:
@@ -521,6 +548,8 @@ def format_summary(title: str, summary: dict) -> str:
         "  change (paired)            " + (f"{change['mean']:+.4f} +- {change['ci95']:.4f} (95% CI)" if change
                                             else "not evaluated"),
     ]
+    if change:
+        lines.append("  what this shows            " + what_the_change_shows(change, summary.get("steps_this_run")))
     if "final_kl" in summary:
         lines.append(f"  final KL (sequence, k1)    {_number(summary['final_kl'])}   "
                      f"KL coefficient {summary['final_kl_coef']:.4f}")
