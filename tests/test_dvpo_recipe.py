@@ -129,9 +129,9 @@ def test_the_summary_says_what_the_evaluation_can_and_cannot_show():
     # The embedded default's size: 32 prompts, a change well inside its interval.
     small = what_the_change_shows({"mean": -0.016, "ci95": 0.068, "num_prompts": 32}, 6)
     assert small.startswith("no measurable change: 32 held-out prompts only detect changes beyond +-0.068")
-    assert "6 steps shows the pipeline working" in small
+    assert "a run of 6 steps shows the pipeline working" in small
     assert what_the_change_shows({"mean": 0.066, "ci95": 0.043, "num_prompts": 326}, 20).startswith(
-        "20 steps raised the held-out verifiable score by 0.066 (95% interval excludes 0, 326 prompts)")
+        "a run of 20 steps raised the held-out verifiable score by 0.066 (95% interval excludes 0, 326 prompts)")
     assert "lowered" in what_the_change_shows({"mean": -0.123, "ci95": 0.054, "num_prompts": 200}, 48)
     assert what_the_change_shows({"mean": 0.5, "ci95": float("nan"), "num_prompts": 1}, 1).startswith(
         "no measurable change")

@@ -89,6 +89,27 @@ def test_repeat_prompt_is_checked_against_the_recorded_request():
     assert score_response(record, "The sea is wide.") == 0.0
 
 
+def test_checks_with_a_random_fallback_argument_score_an_answer_the_same_every_time():
+    # IFEval prompt 1129 asks for 6+ '!': lm-eval's letter checker takes only a-z, so it checks a letter drawn
+    # from the global random each time. An answer with six of each of a few letters passed for some draws and
+    # failed for others; scored reproducibly, it gets one score, and the global random state is left alone.
+    from nemo_dvpo.evaluation.benchmarks.assets import ifeval_prompts
+    from nemo_dvpo.evaluation.benchmarks.ifeval import ifeval_results
+
+    doc = next(doc for doc in ifeval_prompts() if doc["key"] == 1129)
+    assert doc["kwargs"][0]["letter"] == "!"
+    answer = "eeeeee aaaaaa tttttt oooooo!"
+    ifeval_results([doc], [answer])  # imports lm-eval's modules (importing them draws from the global random)
+    random.seed(123)
+    state = random.getstate()
+    results = [ifeval_results([doc], [answer])[0]["inst_level_strict_acc"][0] for _ in range(30)]
+    assert len(set(results)) == 1
+    assert random.getstate() == state
+    record = {"prompt": doc["prompt"], "instruction_id_list": doc["instruction_id_list"][:1],
+              "kwargs": doc["kwargs"][:1]}
+    assert len({score_response(record, answer) for _ in range(30)}) == 1
+
+
 def test_prompt_records_round_trip_through_jsonl(tmp_path):
     records = [make_prompt_record(f"p{i}", "Describe a night market.", seed=i, max_words=120) for i in range(3)]
     path = tmp_path / "prompts.jsonl"

@@ -194,6 +194,11 @@ def ifeval_modules() -> tuple[types.ModuleType, types.ModuleType]:
             sys.modules[name] = package
     registry = importlib.import_module(f"{_IFEVAL_PACKAGE}.instructions_registry")
     utils = importlib.import_module(f"{_IFEVAL_PACKAGE}.utils")
+    # The case and language checks call langdetect, which samples; unseeded, a borderline answer can pass on
+    # one scoring and fail on the next. Its documented fix is a fixed factory seed.
+    from langdetect import DetectorFactory
+
+    DetectorFactory.seed = 0
     return registry, utils
 
 
@@ -226,6 +231,19 @@ def _global_random_seeded(seed: int) -> Iterator[None]:
         yield
     finally:
         random.setstate(state)
+
+
+@contextlib.contextmanager
+def deterministic_checks() -> Iterator[None]:
+    """Score with lm-eval's checkers reproducibly.
+
+    A checker whose recorded argument is missing, falsy or invalid draws a fresh one from the global
+    ``random`` when it is rebuilt for checking: IFEval has letter-frequency prompts whose letter is '#' or
+    '!', checked against a random letter each time. Seeding (and restoring) the global state around each
+    answer's check makes its score a function of the answer alone; langdetect is seeded in ``ifeval_modules``.
+    """
+    with _global_random_seeded(0):
+        yield
 
 
 def _reachable(instruction_id: str, kwargs: Mapping[str, Any], max_words: Optional[int]) -> bool:
@@ -354,7 +372,8 @@ def follow_list(record: Mapping[str, Any], response: str) -> list[bool]:
     utils = ifeval_modules()[1]
     example = utils.InputExample(key=0, instruction_id_list=list(record["instruction_id_list"]),
                                  prompt=record["prompt"], kwargs=[dict(k or {}) for k in record["kwargs"]])
-    return list(utils.test_instruction_following_strict(example, response).follow_instruction_list)
+    with deterministic_checks():
+        return list(utils.test_instruction_following_strict(example, response).follow_instruction_list)
 
 
 def score_response(record: Mapping[str, Any], response: str) -> float:

@@ -512,7 +512,7 @@ def what_the_change_shows(change: dict, steps: Optional[int]) -> str:
     prompts) shows the pipeline working, not the method's effect.
     """
     mean, half_width, prompts = change["mean"], change["ci95"], change["num_prompts"]
-    ran = f"{steps} steps" if steps else "this run"
+    ran = f"a run of {steps} steps" if steps else "this run"
     if half_width != half_width or abs(mean) <= half_width:  # NaN (one prompt) or an interval spanning 0
         return (f"no measurable change: {prompts} held-out prompts only detect changes beyond +-{half_width:.3f}; "
                 f"{ran} shows the pipeline working (GVM, rollouts, KL, export), not whether the policy improved. "

@@ -50,10 +50,14 @@ def ifeval_scores(docs: list[dict], responses: list[str]) -> dict:
 
 def ifeval_results(docs: list[dict], responses: list[str]) -> list[dict]:
     """lm-eval's per-prompt IFEval results: prompt-level flags and one flag per instruction, strict and loose."""
-    from nemo_dvpo.data.verifiable import ifeval_modules
+    from nemo_dvpo.data.verifiable import deterministic_checks, ifeval_modules
 
     utils = ifeval_modules()[1]
-    return [utils.process_results(doc, [response]) for doc, response in zip(docs, responses)]
+    results = []
+    for doc, response in zip(docs, responses):
+        with deterministic_checks():
+            results.append(utils.process_results(doc, [response]))
+    return results
 
 
 def ifeval_paired_change(before: list[dict], after: list[dict]) -> dict:
