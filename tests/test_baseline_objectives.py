@@ -10,7 +10,8 @@ import torch
 
 from nemo_dvpo.algorithms.dpo import dpo_loss, sequence_logprobs
 from nemo_dvpo.algorithms.grpo import group_advantages, token_advantages
-from nemo_dvpo.algorithms.ppo import explained_variance, gae, ppo_rewards, state_values, value_loss
+from nemo_dvpo.algorithms.ppo import (explained_variance, gae, normalize_scores, ppo_rewards, state_values,
+                                      value_loss)
 from nemo_dvpo.algorithms.reward import bradley_terry_loss, pair_rows
 
 
@@ -43,6 +44,17 @@ def test_ppo_rewards_put_the_score_on_the_last_token_and_the_kl_everywhere():
     rewards = ppo_rewards(torch.tensor([3.0]), logprobs, ref, mask, kl_coef=0.1)
     # -0.1 * (logp - ref) per response token; +3 on the last response token (position 3)
     torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.05, 0.1, 3.0, 0.0]]))
+
+
+def test_scores_are_whitened_over_the_batch_before_they_become_rewards():
+    # mean 3; Bessel std sqrt((4 + 1 + 0 + 9) / 3) = sqrt(14 / 3) = 2.160247
+    normalized = normalize_scores(torch.tensor([1.0, 2.0, 3.0, 6.0]))
+    torch.testing.assert_close(normalized, torch.tensor([-0.925820, -0.462910, 0.0, 1.388730]))
+    # Only differences between scores matter afterwards: a shift and a scale of the reward model change nothing.
+    torch.testing.assert_close(normalize_scores(torch.tensor([1.0, 2.0, 3.0, 6.0]) * 0.01 - 5.0), normalized,
+                               rtol=1e-4, atol=1e-4)  # float32 rounding of the shifted scores
+    with pytest.raises(ValueError, match="at least 2"):
+        normalize_scores(torch.tensor([0.7]))
 
 
 def test_gae_advantages_and_returns_by_hand():

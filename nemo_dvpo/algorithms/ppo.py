@@ -4,10 +4,12 @@ The policy's objective is :func:`nemo_dvpo.algorithms.dvpo.policy_loss` (the cli
 holds what a critic adds. Tensors are (batch, seq) over whole sequences; ``response_mask`` marks each row's
 response (one contiguous run) and ``a_t`` is the token at position ``t``.
 
-Rewards: a frozen reward model scores the whole response once, ``s``; the KL to the reference is paid per
-token, and the score arrives at the last response token ``T``::
+Rewards: a frozen reward model scores the whole response once, ``s``; by default the scores are whitened over
+the rollout's sequences, ``s' = (s - mean(s)) / std(s)`` (:func:`normalize_scores`: a Bradley-Terry model fixes
+only score differences, so its raw scale is arbitrary - a small one leaves the per-token KL in nats to outweigh
+it). The KL to the reference is paid per token, and the score arrives at the last response token ``T``::
 
-    r_t = -beta * (log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t)) + [t == T] * s
+    r_t = -beta * (log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t)) + [t == T] * s'
 
 State values: ``V(s_t)`` is the critic's value at the position *before* ``a_t`` (it has not seen the token
 yet), :func:`state_values`. GAE (gamma, lambda) with ``V(s_{T+1}) := 0``::
@@ -42,6 +44,13 @@ def kl_penalty_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, respo
     mask = response_mask.bool()
     penalty = -kl_coef * (logprobs.float() - ref_logprobs.float())
     return torch.where(mask, penalty, torch.zeros_like(penalty))
+
+
+def normalize_scores(scores: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """``(s - mean(s)) / std(s)`` over the batch's sequences (of all ranks in ``group``; std Bessel-corrected)."""
+    from nemo_dvpo.algorithms.dvpo import masked_normalize
+
+    return masked_normalize(scores.float(), torch.ones_like(scores, dtype=torch.bool), group=group)
 
 
 def ppo_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,

@@ -5,8 +5,8 @@ reference and the reward model are frozen. The critic starts from the reward mod
 value-model checkpoint), as in InstructGPT. Per step, ``PPORecipe.train()``:
 
     1. the step's prompts;  2. rollout;  3. reference log-probs, reward-model scores and the critic's values,
-    once per rollout;  4. rewards (the score at the last token, the KL per token) and GAE advantages and
-    returns;  5. critic epochs on the clipped value loss, then (after the critic's warm-up steps) policy
+    once per rollout;  4. rewards (the batch-whitened score at the last token, the KL per token) and GAE
+    advantages and returns;  5. critic epochs on the clipped value loss, then (after the critic's warm-up steps) policy
     epochs on PPO's clipped surrogate;  6. the KL controller, metrics (explained variance included).
 
 The equations are :mod:`nemo_dvpo.algorithms.ppo`; the policy's loss is :func:`~nemo_dvpo.algorithms.dvpo.
@@ -16,11 +16,12 @@ policy_loss`. Policy and critic are checkpointed together and resume exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
-from nemo_dvpo.algorithms.ppo import explained_variance, gae, ppo_rewards, state_values, value_loss
+from nemo_dvpo.algorithms.ppo import (explained_variance, gae, normalize_scores, ppo_rewards, state_values,
+                                      value_loss)
 from nemo_dvpo.checkpointing.model_checkpoint import load_hf_config_from_checkpoint, read_checkpoint_model_config
 from nemo_dvpo.checkpointing.train_checkpoint import TrainedModel
 from nemo_dvpo.models.value_model import build_value_model, token_values
@@ -41,6 +42,10 @@ class PPOUpdateConfig(PolicyUpdateConfig):
     # GAE's discount and lambda.
     gamma: float = 1.0
     lam: float = 0.95
+    # The reward model's scores enter the rewards whitened over the rollout's sequences ("batch", as OpenRLHF's
+    # and NeMo-Aligner's reward normalisation) or raw ("none"). A Bradley-Terry model's scale is arbitrary:
+    # SmolLM2-135M's after one epoch spreads its scores by a few hundredths, which the KL penalty outweighs.
+    score_normalization: Literal["batch", "none"] = "batch"
 
 
 @dataclass
@@ -124,8 +129,11 @@ class PPORecipe:
                 with timer("critic_forward"):
                     values = state_values(token_values(self.critic.model, sample.tokens,
                                                        micro_batch_size=cfg.rollout.forward_micro_batch_size))
-                # 4. rewards (score at the end, KL per token) and GAE over the critic's state values
-                rewards = ppo_rewards(scores, sample.old_logprobs, ref_logprobs, sample.response_mask,
+                # 4. rewards (the score, whitened over the batch, at the end; the KL per token) and GAE over
+                #    the critic's state values
+                reward_scores = (normalize_scores(scores, group=run.data_parallel.group)
+                                 if cfg.ppo.score_normalization == "batch" else scores)
+                rewards = ppo_rewards(reward_scores, sample.old_logprobs, ref_logprobs, sample.response_mask,
                                       run.kl_controller.value)
                 advantages = gae(rewards, values, sample.response_mask, cfg.ppo.gamma, cfg.ppo.lam,
                                  group=run.data_parallel.group)
