@@ -18,8 +18,13 @@ the sign test. ``--algorithms`` picks and orders the runs; a finished run is reu
 Runs may be started by separate invocations (e.g. two at a time on two cores): the budget and evaluation
 settings are recorded in ``<run-dir>/settings.json`` by the first and must be the same in every later one.
 
-    python benchmarks/quality_at_equal_budget.py --gvm runs/gvm/final --reward-model runs/rm/final \\
-        --steps 20 --prompts 16 --eval-prompts 192
+    python benchmarks/quality_at_equal_budget.py --gvm runs/gvm_pair/final --reward-model runs/rm_pair/final \\
+        --steps 12 --prompts 16 --epochs 1 --mini-batch 2 --micro-batch 2 --response-tokens 64 \\
+        --eval-prompts 192 --eval-tokens 128 --pairs runs/gvm_pair.train.jsonl --run-dir runs/quality_equal_budget \\
+        optim.lr=3e-6
+
+(the measured setting, docs/benchmarks.md "Quality at equal budget"; ``--algorithms dvpo,dpo`` and
+``--algorithms ppo`` can run side by side on the same ``--run-dir``).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ value-model checkpoint), as in InstructGPT. Per step, ``PPORecipe.train()``:
 
     1. the step's prompts;  2. rollout;  3. reference log-probs, reward-model scores and the critic's values,
     once per rollout;  4. rewards (the batch-whitened score at the last token, the KL per token) and GAE
-    advantages and returns;  5. critic epochs on the clipped value loss, then (after the critic's warm-up steps) policy
-    epochs on PPO's clipped surrogate;  6. the KL controller, metrics (explained variance included).
+    advantages and returns;  5. critic epochs on the clipped value loss, then (after the critic's warm-up
+    steps) policy epochs on PPO's clipped surrogate;  6. the KL controller, metrics (explained variance
+    included).
 
 The equations are :mod:`nemo_dvpo.algorithms.ppo`; the policy's loss is :func:`~nemo_dvpo.algorithms.dvpo.
 policy_loss`. Policy and critic are checkpointed together and resume exactly.
