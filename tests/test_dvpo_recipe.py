@@ -218,6 +218,72 @@ def test_kl_budget_stops_and_keeps_the_last_policy_within_it(work_dir, uninterru
     assert json.loads((run_dir / "final" / "nemo_dvpo_checkpoint.json").read_text())["step"] == 0
 
 
+class _Replica(torch.nn.Sequential):
+    """A stand-in for a DDP-wrapped policy chunk: a frozen base and a trained adapter; counts broadcasts."""
+
+    def __init__(self):
+        super().__init__(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+        self[0].requires_grad_(False)
+        self.broadcasts = 0
+
+    def broadcast_params(self):
+        self.broadcasts += 1
+
+
+def _budget_run(rank: int, size: int, budget: float):
+    from types import SimpleNamespace
+
+    from nemo_dvpo.rlhf.policy_run import PolicyRun
+    from nemo_dvpo.training.data_parallel import DataParallel
+
+    run = PolicyRun.__new__(PolicyRun)  # only the KL-budget state, not a whole run
+    run.policy, run.tag = [_Replica()], "test"
+    run.cfg = SimpleNamespace(train=SimpleNamespace(kl_budget=budget))
+    run.data_parallel = DataParallel(rank=rank, size=size, group=None)
+    run.within_budget = run.kl_budget_passed = None
+    return run
+
+
+def test_kl_budget_keeps_one_in_place_copy_of_the_trained_parameters_only():
+    run = _budget_run(rank=0, size=1, budget=1.0)
+    base, adapter = run.policy[0]
+    base_before = base.weight.detach().clone()
+    run.step = 0
+    run.watch_kl_budget(0.5)
+    kept = run.within_budget["weights"]
+    # Only what trains is copied: the frozen base (with LoRA, the whole model but the adapters) is not.
+    assert [tuple(w.shape) for w in kept] == [(1, 3), (1,)]
+    with torch.no_grad():
+        adapter.weight.add_(1.0)
+    run.step = 1
+    run.watch_kl_budget(0.8)
+    # Still within the budget: the same tensors now hold the newer policy (no second copy is allocated).
+    assert all(a is b for a, b in zip(run.within_budget["weights"], kept))
+    assert torch.equal(kept[0], adapter.weight) and run.within_budget["step"] == 1
+    within = adapter.weight.detach().clone()
+    with torch.no_grad():
+        adapter.weight.add_(1.0)
+    run.step = 2
+    run.watch_kl_budget(1.5)
+    assert run.kl_budget_passed == {"step": 2, "kl": 1.5} and run.within_budget["step"] == 1
+    run.return_to_within_budget()
+    assert torch.equal(adapter.weight, within) and torch.equal(base.weight, base_before)
+    assert run.final_step == 1 and run.policy[0].broadcasts == 0
+
+
+def test_kl_budget_copy_lives_on_data_parallel_rank_zero_and_is_broadcast_on_return():
+    for rank in (0, 1):
+        run = _budget_run(rank=rank, size=2, budget=1.0)
+        run.step = 0
+        run.watch_kl_budget(0.5)
+        assert (run.within_budget["weights"] is None) == (rank != 0)
+        run.step = 1
+        run.watch_kl_budget(2.0)
+        run.return_to_within_budget()
+        # Every replica takes part in the broadcast from rank 0, which alone restored its weights.
+        assert run.final_step == 0 and run.policy[0].broadcasts == 1
+
+
 def test_kl_budget_must_be_positive(tmp_path):
     completed = subprocess.run(_command(tmp_path / "bad", "train.kl_budget=0"),
                                cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)

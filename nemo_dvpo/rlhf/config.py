@@ -118,7 +118,8 @@ class PolicyTrainConfig:
     keep_last: int = 2
     # A KL budget against over-optimising the scorer: when the policy's sequence KL to the reference
     # (rollout/kl: k1 summed over a response, mean over the batch) passes it, the run stops and the final
-    # policy is the last one measured within it (kept as a copy in host memory). null: no budget.
+    # policy is the last one measured within it (its trained weights kept in host memory, one copy per
+    # model-parallel shard). null: no budget.
     kl_budget: Optional[float] = None
 
     def __post_init__(self) -> None:

@@ -352,21 +352,34 @@ class PolicyRun:
 
     # -- the KL budget -------------------------------------------------------------------------------------
 
-    def _policy_parameters(self) -> list[torch.nn.Parameter]:
-        return [param for module in self.policy for param in unwrap_model(module).parameters()]
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        """What the updates change: every weight, or with LoRA the adapters only (the base never moves)."""
+        return [param for module in self.policy for param in unwrap_model(module).parameters() if param.requires_grad]
 
     def watch_kl_budget(self, kl: float) -> None:
         """Given the rollout KL of the current policy (the one after ``self.step`` updates): keep a copy of it
         while it is within ``train.kl_budget``; mark the step that passes it (every rank sees the same global KL,
-        so all stop together)."""
+        so all stop together).
+
+        The copy holds the trained parameters only, once per model-parallel shard: data-parallel replicas are
+        identical, so data-parallel rank 0 keeps it (in host memory, overwritten in place each step - a run holds
+        at most one) and :meth:`return_to_within_budget` broadcasts it."""
         budget = self.cfg.train.kl_budget
         if budget is None:
             return
-        if kl <= budget:
-            weights = [param.detach().to("cpu", copy=True) for param in self._policy_parameters()]
-            self.within_budget = {"step": self.step, "kl": kl, "weights": weights}
-        else:
+        if kl > budget:
             self.kl_budget_passed = {"step": self.step, "kl": kl}
+            return
+        weights = None
+        if self.data_parallel.rank == 0:
+            trained = self._trained_parameters()
+            if self.within_budget is None:
+                weights = [param.detach().to("cpu", copy=True) for param in trained]
+            else:
+                weights = self.within_budget["weights"]
+                for kept, param in zip(weights, trained):
+                    kept.copy_(param.detach())
+        self.within_budget = {"step": self.step, "kl": kl, "weights": weights}
 
     def return_to_within_budget(self) -> None:
         """The budget was passed: put back the newest policy measured within it (this step's update is discarded)
@@ -380,8 +393,12 @@ class PolicyRun:
                             "past it): stopping with the current policy")
             return
         with torch.no_grad():
-            for param, weights in zip(self._policy_parameters(), kept["weights"]):
-                param.copy_(weights)
+            if kept["weights"] is not None:
+                for param, weights in zip(self._trained_parameters(), kept["weights"]):
+                    param.copy_(weights)
+        if self.data_parallel.size > 1:
+            for module in self.policy:
+                module.broadcast_params()  # Megatron DDP: from data-parallel rank 0 to the other replicas
         self.final_step = kept["step"]
         print_rank_zero(f"[{self.tag}] rollout KL {passed['kl']:.3g} at step {passed['step'] + 1} passed "
                         f"train.kl_budget={budget:g}: stopping; the final policy is the one after {kept['step']} "
