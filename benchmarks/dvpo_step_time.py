@@ -19,8 +19,10 @@ PHASES = ("time/step_s", "time/generation_s", "time/policy_forward_s", "time/ref
 
 
 def peer_setting(gvm: str, run_dir: Path, steps: int) -> list[str]:
-    """examples/train_dvpo.py overrides of the peer-figure setting."""
+    """examples/train_dvpo.py overrides of the peer-figure setting (no KL budget: the official code has none, and
+    the embedded default's keeps a host copy of the policy's trained weights)."""
     return [f"gvm={gvm}", f"run_dir={run_dir}", f"train.steps={steps}", f"train.save_every={steps + 1}",
+            "train.kl_budget=null",
             "rollout.prompts_per_step=8", "rollout.sampling.max_new_tokens=64", "rollout.sampling.stop_on_eos=false",
             "data.max_prompt_tokens=64", "ppo.ppo_epochs=4", "ppo.mini_batch_size=2", "ppo.micro_batch_size=2",
             "eval.before=false", "eval.after=false", "export_hf=false"]

@@ -34,8 +34,9 @@ PHASES = ("generation", "reference_forward", "gvm_forward", "reward_forward", "c
 
 
 def setting(args) -> list[str]:
-    """Overrides shared by every recipe."""
-    return [f"train.steps={args.steps}", f"train.save_every={args.steps + 1}",
+    """Overrides shared by every recipe (no KL budget: the embedded DVPO default's keeps a host copy of the policy,
+    which would count against DVPO only)."""
+    return [f"train.steps={args.steps}", f"train.save_every={args.steps + 1}", "train.kl_budget=null",
             f"rollout.sampling.max_new_tokens={args.response_tokens}", "rollout.sampling.stop_on_eos=false",
             f"data.max_prompt_tokens={args.prompt_tokens}", f"ppo.ppo_epochs={args.epochs}",
             f"ppo.mini_batch_size={args.mini_batch}", f"ppo.micro_batch_size={args.micro_batch}",
