@@ -17,11 +17,12 @@ for the reason the driver's README gives for the full path (the trainer indexes 
 ``['logits']``; the wrapper returns a tuple). The trainer's own ``optional_peft_ctx`` calls
 ``disable_adapter`` on the unwrapped policy itself (the ``.pretrained_model`` variant is commented out), i.e.
 it expects a PEFT model as the policy: this applies the script's LoRA set-up to the plain causal LM the
-driver builds, and changes nothing else. Run it with the driver's venv and arguments:
+driver builds, and changes nothing else. Run it from the driver's folder (set up as its README says), with the
+driver's venv and arguments; ``$REPO`` is this checkout:
 
-    venv/bin/python official_lora_step_time.py --driver ../shared/peers/dvpo-official/official_dvpo_step_time.py \
+    venv/bin/python $REPO/benchmarks/official_lora_step_time.py --driver official_dvpo_step_time.py \
         --dvpo-dir DKI_LLM/dvpo/policy_model_training --model smollm2-135m-instruct-hf \
-        --prompts data/smollm2_ifeval/prompts.jsonl --split train --steps 7
+        --prompts $REPO/data/smollm2_ifeval/prompts.jsonl --split train --steps 5
 """
 
 from __future__ import annotations
