@@ -339,3 +339,54 @@ def test_top_k_sampling_draws_only_among_the_k_most_likely_tokens(tiny):
         for position in range(start, start + int(output.response_lengths[row])):
             top3 = torch.topk(logits[row, position - 1], 3).indices.tolist()
             assert int(output.tokens[row, position]) in top3
+
+
+def test_a_reply_generated_in_slices_is_the_reply_generated_at_once(tiny):
+    """What the policy server does with a long reply (``complete(..., slice_tokens)``, continued from the reply
+    so far) against one ``complete`` call: the same greedy tokens, or a first divergence at a near-tie.
+
+    A slice boundary re-prefills prompt and reply instead of decoding from the KV cache, so the logits there are
+    the same sums in another order: float32 rounding of O(10) logits over a 64-wide hidden state, far below
+    1e-3. Where the two paths pick different tokens, the full forward's logits of the two must lie within that.
+    """
+    from nemo_dvpo.inference.completion import CompletionRequest, complete
+
+    model, tokenizer = tiny
+    policy = types.SimpleNamespace(model=model, tokenizer=tokenizer, max_length=256,
+                                   eos_token_ids=[tokenizer.eos_token_id])
+    greedy, limit = SamplingConfig(greedy=True), 30
+    whole = complete(policy, [CompletionRequest(prompt, limit) for prompt in TINY_PROMPTS], greedy)
+    sliced = [None] * len(TINY_PROMPTS)
+    calls = 0
+    while unfinished := [i for i, reply in enumerate(sliced) if reply is None or reply.finish_reason is None]:
+        rows = [CompletionRequest(TINY_PROMPTS[i], limit, reply_ids=sliced[i].token_ids if sliced[i] else [])
+                for i in unfinished]
+        for i, reply in zip(unfinished, complete(policy, rows, greedy, slice_tokens=7)):
+            sliced[i] = reply
+        calls += 1
+    assert calls == math.ceil(limit / 7)
+    for prompt, once, in_slices in zip(TINY_PROMPTS, whole, sliced):
+        assert (in_slices.finish_reason, in_slices.completion_tokens) == (once.finish_reason, once.completion_tokens)
+        if in_slices.token_ids == once.token_ids:
+            assert in_slices.text == once.text
+            continue
+        position = next(p for p, (a, b) in enumerate(zip(once.token_ids, in_slices.token_ids)) if a != b)
+        logits = full_logits(model, torch.tensor([prompt + once.token_ids[:position]]), vocab_size=len(tokenizer))
+        last = logits[0, -1]
+        gap = abs(float(last[once.token_ids[position]] - last[in_slices.token_ids[position]]))
+        assert gap < 1e-3, f"the sliced reply diverged at token {position} where the logits differ by {gap}"
+
+
+def test_a_slice_continues_the_reply_and_stops_at_its_own_limit(tiny):
+    from nemo_dvpo.inference.completion import CompletionRequest, complete
+
+    model, tokenizer = tiny
+    policy = types.SimpleNamespace(model=model, tokenizer=tokenizer, max_length=256, eos_token_ids=[-1])
+    first = complete(policy, [CompletionRequest(TINY_PROMPTS[0], 10)], GREEDY_UNSTOPPED, slice_tokens=6)[0]
+    assert first.finish_reason is None and len(first.token_ids) == 6 == first.completion_tokens
+    second = complete(policy, [CompletionRequest(TINY_PROMPTS[0], 10, reply_ids=first.token_ids)], GREEDY_UNSTOPPED,
+                      slice_tokens=6)[0]
+    assert second.finish_reason == "length" and second.token_ids[:6] == first.token_ids and len(second.token_ids) == 10
+    assert second.text == tokenizer.decode(second.token_ids, skip_special_tokens=True)
+    unsliced = complete(policy, [CompletionRequest(TINY_PROMPTS[0], 10)], GREEDY_UNSTOPPED)[0]
+    assert unsliced.finish_reason == "length"  # without slices, a reply cut by the call's budget ends as before

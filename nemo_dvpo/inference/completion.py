@@ -5,6 +5,11 @@ share their sampling settings, with the longest token limit among them; each rep
 own limit (``finish_reason="length"``), at its end-of-sequence token (``"stop"``) or before the first of
 its stop strings (``"stop"``, the string itself left out, as in OpenAI's API). Greedy replies are
 therefore exactly what each prompt gets alone. Collective over the model-parallel group, like ``generate``.
+
+A long reply can be produced in slices (``slice_tokens``): a call then generates at most that many tokens, a
+reply not finished by then comes back with ``finish_reason=None`` and its tokens so far, and the next call
+continues it from ``CompletionRequest(..., reply_ids=those tokens)`` - its prompt and reply prefilled again,
+the KV cache rebuilt. A server uses this to answer short requests between the slices of a long one.
 """
 
 from __future__ import annotations
@@ -19,16 +24,20 @@ from nemo_dvpo.inference.generation import SamplingConfig, generate
 @dataclass
 class CompletionRequest:
     prompt_ids: list[int]
-    max_tokens: int
+    max_tokens: int  # of the whole reply, reply_ids included
     stop: list[str] = field(default_factory=list)
+    reply_ids: list[int] = field(default_factory=list)  # the reply's tokens so far (continuing a sliced reply)
 
 
 @dataclass
 class Completion:
     text: str
-    finish_reason: str  # "stop" (end-of-sequence token or a stop string) or "length"
+    # "stop" (end-of-sequence token or a stop string), "length" (max_tokens reached, or the context full),
+    # or None: cut by the call's slice_tokens, to be continued from token_ids.
+    finish_reason: Optional[str]
     prompt_tokens: int
     completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)  # the reply's tokens (up to a stop string's cut: all)
 
 
 def room_for_reply(prompt_length: int, max_length: int) -> int:
@@ -36,27 +45,37 @@ def room_for_reply(prompt_length: int, max_length: int) -> int:
     return max(0, max_length - prompt_length)
 
 
-def complete(policy, requests: Sequence[CompletionRequest], sampling: SamplingConfig) -> list[Completion]:
-    """Replies to ``requests`` (every prompt must leave room for one token: see :func:`room_for_reply`)."""
-    longest = max(len(request.prompt_ids) for request in requests)
-    max_new_tokens = min(max(request.max_tokens for request in requests),
+def complete(policy, requests: Sequence[CompletionRequest], sampling: SamplingConfig,
+             slice_tokens: Optional[int] = None) -> list[Completion]:
+    """Replies to ``requests`` (every prompt must leave room for one token: see :func:`room_for_reply`),
+    each at most ``slice_tokens`` tokens longer than its ``reply_ids`` if given (see the module docstring)."""
+    contexts = [request.prompt_ids + request.reply_ids for request in requests]
+    longest = max(len(context) for context in contexts)
+    max_new_tokens = min(max(request.max_tokens - len(request.reply_ids) for request in requests),
                          room_for_reply(longest, policy.max_length))
+    if slice_tokens is not None:
+        max_new_tokens = min(max_new_tokens, slice_tokens)
     if max_new_tokens < 1:
         raise ValueError(f"a prompt of {longest} tokens leaves no room for a reply within {policy.max_length}")
     sampling = dataclasses.replace(sampling, max_new_tokens=max_new_tokens, stop_on_eos=True)
-    output = generate(policy.model, policy.tokenizer, [request.prompt_ids for request in requests], sampling,
-                      eos_token_ids=policy.eos_token_ids or None)
+    output = generate(policy.model, policy.tokenizer, contexts, sampling, eos_token_ids=policy.eos_token_ids or None)
     completions = []
     for row, request in enumerate(requests):
-        token_ids = output.response_token_ids(row)[:request.max_tokens]
-        ended = bool(token_ids) and token_ids[-1] in policy.eos_token_ids
+        new_ids = output.response_token_ids(row)[:request.max_tokens - len(request.reply_ids)]
+        token_ids = request.reply_ids + new_ids
         text = policy.tokenizer.decode(token_ids, skip_special_tokens=True)
-        finish_reason = "stop" if ended else "length"
+        if new_ids and new_ids[-1] in policy.eos_token_ids:
+            finish_reason = "stop"
+        elif (slice_tokens is None or len(token_ids) >= request.max_tokens
+              or room_for_reply(len(request.prompt_ids) + len(token_ids), policy.max_length) < 1):
+            finish_reason = "length"
+        else:
+            finish_reason = None  # cut by this call's batch or slice budget: it continues
         cut = _first_stop(text, request.stop)
         if cut is not None:
             text, finish_reason = text[:cut], "stop"
         completions.append(Completion(text=text, finish_reason=finish_reason, prompt_tokens=len(request.prompt_ids),
-                                      completion_tokens=len(token_ids)))
+                                      completion_tokens=len(token_ids), token_ids=token_ids))
     return completions
 
 

@@ -250,7 +250,7 @@ def make_handler(service: ValueService, model_metadata: Callable[[], dict], toke
         def _body_too_large(self) -> None:
             service.metrics.request(413)
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def _get(self) -> None:
             path, ready = self._path(), self.server.ready
             if path == "/v2/health/live":
                 return self._json(200, {"live": True})

@@ -26,8 +26,11 @@ import ipaddress
 import json
 import os
 import queue
+import re
+import sys
 import threading
 import time
+import traceback
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,6 +78,8 @@ def server_token(config) -> Optional[str]:
 
 # -- HTTP --------------------------------------------------------------------------------------------------
 
+_DECIMAL = re.compile(r"[0-9]{1,19}")  # a Content-Length: ASCII digits, at most 19 (an int64)
+
 
 class InFlight:
     """Counts the requests being answered, so that a shutdown can wait for their responses to be sent."""
@@ -109,13 +114,25 @@ class _Server(ThreadingHTTPServer):
         self.in_flight = InFlight()
         super().__init__(address, handler)
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up is the client's business: one line, no traceback. Anything else reaching
+        here escaped :meth:`JSONHandler._guarded` - a server fault, logged with its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            print(f"[http] {client_address[0]}:{client_address[1]} went away ({type(error).__name__})",
+                  file=sys.stderr, flush=True)
+            return
+        super().handle_error(request, client_address)
+
 
 class JSONHandler(BaseHTTPRequestHandler):
     """The plumbing of a JSON API's request handler; a server subclasses it with its endpoints.
 
-    A subclass sets ``bearer_token`` (None: no check) and ``max_body_bytes``, answers ``GET`` in ``do_GET`` and
+    A subclass sets ``bearer_token`` (None: no check) and ``max_body_bytes``, answers ``GET`` in :meth:`_get` and
     ``POST`` in :meth:`_post` (counted in flight), and may shape its error bodies (:meth:`_error_payload`).
-    ``self.server.ready`` is set once the model is loaded.
+    ``self.server.ready`` is set once the model is loaded. Every request gets an answer: a
+    :class:`RequestError` that escapes an endpoint is answered with its status, any other exception with a 500
+    naming it (and its traceback in the server's log); a client that hangs up is one line in the log.
     """
 
     protocol_version = "HTTP/1.1"
@@ -129,6 +146,7 @@ class JSONHandler(BaseHTTPRequestHandler):
         return self.path.split("?", 1)[0].rstrip("/")
 
     def _send(self, status: int, body: bytes, headers: Optional[dict] = None) -> None:
+        self.answered = True
         self.send_response(status)
         for name, value in (headers or {"Content-Type": "application/json"}).items():
             self.send_header(name, value)
@@ -161,7 +179,7 @@ class JSONHandler(BaseHTTPRequestHandler):
     def _read_body(self) -> Optional[bytes]:
         """The request body; None once answered 411 (no Content-Length) or 413 (over ``max_body_bytes``)."""
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not _DECIMAL.fullmatch(length):  # str.isdigit() takes '²' and other non-ASCII digits
             self.close_connection = True
             self._error(411, "a request body needs a Content-Length header")
             return None
@@ -173,9 +191,33 @@ class JSONHandler(BaseHTTPRequestHandler):
             return None
         return self.rfile.read(int(length))
 
+    def _guarded(self, endpoint: Callable[[], None]) -> None:
+        self.answered = False
+        try:
+            endpoint()
+        except (ConnectionError, TimeoutError):
+            raise  # the client went away: nothing to answer (one line: _Server.handle_error)
+        except RequestError as error:
+            self._answer_fault(error.status, str(error))
+        except Exception as error:  # a fault of the server's, not the client's: answer it, then log it
+            self._answer_fault(500, f"the server failed on this request: {type(error).__name__}: {error}")
+            traceback.print_exc()
+
+    def _answer_fault(self, status: int, message: str) -> None:
+        if self.answered:  # the response had started: the connection is all that can be closed
+            self.close_connection = True
+        else:
+            self._error(status, message)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._guarded(self._get)
+
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         with self.server.in_flight:
-            self._post()
+            self._guarded(self._post)
+
+    def _get(self) -> None:
+        self._error(404, f"no such endpoint: GET {self._path()}")
 
     def _post(self) -> None:
         self._error(404, f"no such endpoint: POST {self._path()}")
@@ -215,12 +257,19 @@ class HTTPFront:
 class Pending:
     """A queued request: its HTTP thread waits on ``done``, then reads ``result`` or ``error``.
 
-    A server subclasses it with the request's own fields.
+    A server subclasses it with the request's own fields. ``abandoned`` is set when its HTTP thread stopped
+    waiting (the 503 of a timeout): the service then drops it instead of computing an answer nobody reads.
     """
 
     done: threading.Event = field(default_factory=threading.Event, kw_only=True)
     result: Any = field(default=None, kw_only=True)
     error: Optional[str] = field(default=None, kw_only=True)
+    abandoned: bool = field(default=False, kw_only=True)
+
+
+# What :meth:`BatchingService.answer` returns for a request it has advanced but not finished (a slice of a long
+# reply): the request goes back to the end of the queue, behind the requests that arrived meanwhile.
+UNFINISHED = object()
 
 
 class BatchingService(ABC):
@@ -244,6 +293,7 @@ class BatchingService(ABC):
             raise RequestError(503, "the server is shutting down")
         self.queue.put(pending)
         if not pending.done.wait(self.config.request_timeout_s):
+            pending.abandoned = True
             raise RequestError(503, f"no {self.what} within server.request_timeout_s={self.config.request_timeout_s}")
         if pending.error is not None:
             raise RequestError(500, pending.error)
@@ -265,14 +315,21 @@ class BatchingService(ABC):
 
     @abstractmethod
     def answer(self, batch: list[Pending]) -> list[Any]:
-        """Run the model on ``batch``: one result per request, in order (an exception fails the batch)."""
+        """Run the model on ``batch``: one result per request, in order, or :data:`UNFINISHED` for a request to run
+        again later (an exception fails the batch)."""
 
     def _answer(self, batch: list[Pending]) -> None:
+        batch = [pending for pending in batch if not pending.abandoned]
+        if not batch:
+            return
         try:
             results, error = self.answer(batch), None
         except Exception as exc:  # the model failed on this batch: answer 500, keep serving
             results, error = [None] * len(batch), f"the model failed on this batch: {type(exc).__name__}: {exc}"
         for pending, result in zip(batch, results):
+            if result is UNFINISHED and error is None:
+                self.queue.put(pending)
+                continue
             pending.result, pending.error = result, error
             pending.done.set()
 

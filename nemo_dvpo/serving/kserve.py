@@ -14,6 +14,7 @@ is wrong; nothing here knows about models.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -40,10 +41,45 @@ class InferRequest:
     binary_output: bool
 
 
-def _flatten(data: Any) -> list:
-    if isinstance(data, list) and data and isinstance(data[0], list):
-        return [item for row in data for item in _flatten(row)]
-    return data
+MAX_DIMENSIONS = 8  # a tensor's rank; numpy itself stops at 64
+
+
+def parse_json(raw: bytes, what: str = "the request body") -> Any:
+    """``raw`` decoded as JSON; a fault (bad bytes, bad JSON, nesting past Python's recursion limit) is a 400."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RequestError(400, f"{what} is not valid JSON ({error})") from None
+    except RecursionError:
+        raise RequestError(400, f"{what} is nested too deeply to be a request") from None
+
+
+def parameters_of(owner: Any, where: str) -> dict:
+    """The ``parameters`` object of ``owner`` (a request, an input or an output spec); absent is empty."""
+    parameters = owner.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise RequestError(400, f"{where}.parameters must be an object, got {type(parameters).__name__}")
+    return parameters
+
+
+def _flatten(data: list, shape: list[int], name: str) -> list:
+    """The values of ``data`` (flat, or nested as ``shape``, row-major), without recursion: a list nested
+    deeper than the tensor's rank, or ragged rows, are refused rather than flattened into a wrong tensor."""
+    if not any(isinstance(item, list) for item in data):
+        return data
+    level = [data]
+    for depth, size in enumerate(shape):
+        bad = next((row for row in level if not isinstance(row, list) or len(row) != size), None)
+        if bad is not None:
+            found = f"a row of {len(bad)}" if isinstance(bad, list) else "a single value"
+            raise RequestError(400, f"input '{name}': its nested 'data' values do not fill shape {shape} (at depth "
+                                    f"{depth}: {found} where {size} are needed)")
+        level = [item for row in level for item in row]
+    if any(isinstance(item, list) for item in level):
+        raise RequestError(400, f"input '{name}': 'data' is nested deeper than its shape {shape}")
+    return level
 
 
 def _array(spec: Any, binary: Optional[bytes], index: int) -> tuple[str, np.ndarray]:
@@ -53,12 +89,13 @@ def _array(spec: Any, binary: Optional[bytes], index: int) -> tuple[str, np.ndar
     if not isinstance(name, str):
         raise RequestError(400, f"inputs[{index}] has no 'name'")
     shape, datatype = spec.get("shape"), spec.get("datatype")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise RequestError(400, f"input '{name}': 'shape' must be a list of non-negative integers, got {shape!r}")
-    if datatype not in DATATYPES:
-        raise RequestError(400, f"input '{name}': datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
-    count = int(np.prod(shape)) if shape else 1
+    if not isinstance(shape, list) or len(shape) > MAX_DIMENSIONS or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise RequestError(400, f"input '{name}': 'shape' must be a list of at most {MAX_DIMENSIONS} non-negative "
+                                f"integers, got {str(shape)[:200]}")
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise RequestError(400, f"input '{name}': datatype {str(datatype)[:50]!r} is not one of {', '.join(DATATYPES)}")
+    count = math.prod(shape)  # Python integers: a product of huge dimensions cannot wrap around
     dtype = DATATYPES[datatype]
     if binary is not None:
         if len(binary) != count * dtype.itemsize:
@@ -68,7 +105,7 @@ def _array(spec: Any, binary: Optional[bytes], index: int) -> tuple[str, np.ndar
     data = spec.get("data")
     if not isinstance(data, list):
         raise RequestError(400, f"input '{name}' has neither 'data' nor binary data")
-    flat = _flatten(data)
+    flat = _flatten(data, shape, name)
     if len(flat) != count:
         raise RequestError(400, f"input '{name}': {len(flat)} values do not fill shape {shape}")
     try:
@@ -92,19 +129,16 @@ def parse_infer_request(body: bytes, header_length: Optional[str]) -> InferReque
         header, binary = body[:json_length], body[json_length:]
     else:
         header, binary = body, b""
-    try:
-        payload = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RequestError(400, f"the request body is not valid JSON ({error})") from None
+    payload = parse_json(header)
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
         raise RequestError(400, "the request must be a JSON object with an 'inputs' list")
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for index, spec in enumerate(payload["inputs"]):
-        size = ((spec.get("parameters") or {}).get("binary_data_size") if isinstance(spec, dict) else None)
+        size = parameters_of(spec, f"inputs[{index}]").get("binary_data_size") if isinstance(spec, dict) else None
         chunk = None
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise RequestError(400, f"inputs[{index}]: binary_data_size={size!r} runs past the body's "
                                         f"{len(binary)} binary bytes")
             chunk, offset = binary[offset:offset + size], offset + size
@@ -114,10 +148,12 @@ def parse_infer_request(body: bytes, header_length: Optional[str]) -> InferReque
         inputs[name] = array
     if offset != len(binary):
         raise RequestError(400, f"{len(binary) - offset} binary bytes follow the inputs unused")
-    parameters = payload.get("parameters") or {}
-    outputs = payload.get("outputs") or []
+    parameters = parameters_of(payload, "the request")
+    outputs = payload.get("outputs", [])
+    if not isinstance(outputs, list) or not all(isinstance(output, dict) for output in outputs):
+        raise RequestError(400, "'outputs' must be a list of objects")
     binary_output = bool(parameters.get("binary_data_output")) or any(
-        isinstance(output, dict) and (output.get("parameters") or {}).get("binary_data") for output in outputs)
+        parameters_of(output, f"outputs[{index}]").get("binary_data") for index, output in enumerate(outputs))
     request_id = payload.get("id")
     return InferRequest(request_id if isinstance(request_id, str) else None, inputs, binary_output)
 

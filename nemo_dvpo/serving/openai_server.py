@@ -9,9 +9,10 @@ Endpoints (the subset of OpenAI's API that the ``openai`` client and evaluation 
 * ``POST /v1/chat/completions`` - ``messages`` through the tokenizer's chat template;
 * ``POST /v1/completions`` - raw text ``prompt`` (a string or a list of strings).
 
-Both take ``temperature`` (0 is greedy; default 1), ``top_p``, ``max_tokens`` (clamped to the room the
+Both take ``temperature`` (0 is greedy; default 1; finite), ``top_p``, ``max_tokens`` (clamped to the room the
 prompt leaves in the model's length; the reply then ends with ``finish_reason="length"``), ``stop`` (a
-string or up to four), ``n`` (samples per prompt), ``seed`` and ``stream``. A streamed reply is sent as
+string or up to four), ``n`` (samples per prompt; prompts x n at most ``server.max_batch_rows``), ``seed`` and
+``stream``. A streamed reply is sent as
 server-sent events once it is complete - one content chunk per choice, then ``[DONE]``: the static-batch
 generation produces the whole reply at once, so the stream is well-formed but not incremental. Fields
 the server cannot honour (``logprobs``, ``tools``, ``response_format``, ``echo``, ...) are refused with a 400
@@ -19,6 +20,12 @@ naming them, never ignored; so is a prompt that does not fit the model's length.
 
 Concurrent requests that arrive within ``server.max_delay_ms`` and share their sampling settings run as
 one batch (up to ``server.max_batch_rows`` replies); a greedy reply is the same whatever it is batched with.
+Replies are generated in slices of ``server.slice_tokens`` tokens: a reply still going after a slice goes
+back to the end of the queue, so a short request sent while a long one runs waits for at most one slice,
+not for the whole long reply (static-batch generation cannot add a request to a running batch). Each
+slice re-reads its prompt and reply so far; a greedy reply longer than a slice is therefore the model's
+greedy reply up to the rounding of that prefill (a near-tie of two logits could flip), and a seeded sample
+is reproducible but not the one an unsliced generation draws.
 The server binds 127.0.0.1; another host needs a bearer token in ``NEMO_DVPO_POLICY_TOKEN`` (or
 ``server.allow_unauthenticated=true``). Under torchrun or srun, rank 0 of each model-parallel group serves
 (data-parallel replica r on ``server.port + r``) and broadcasts each batch to its group. SIGTERM or Ctrl-C
@@ -32,7 +39,9 @@ queue and its run loop, and the leader/follower loop across model-parallel ranks
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,11 +49,11 @@ from typing import Any, Callable, Iterator, Optional
 
 from nemo_dvpo.inference.completion import Completion, CompletionRequest, complete, room_for_reply
 from nemo_dvpo.inference.generation import SamplingConfig
-from nemo_dvpo.serving.http import (BatchingService, HTTPFront, JSONHandler, ModelParallelRunner, Pending,
+from nemo_dvpo.serving.http import (UNFINISHED, BatchingService, HTTPFront, JSONHandler, ModelParallelRunner, Pending,
                                     check_server_settings, model_parallel_group, serve_until_stopped, server_token)
-from nemo_dvpo.serving.kserve import RequestError
+from nemo_dvpo.serving.kserve import RequestError, parse_json
 from nemo_dvpo.utils.distributed import ParallelConfig
-from nemo_dvpo.utils.errors import ConfigError
+from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
 
 
 @dataclass
@@ -56,9 +65,12 @@ class PolicyServerConfig:
     token_env: str = "NEMO_DVPO_POLICY_TOKEN"
     allow_unauthenticated: bool = False
     # Batching: wait up to max_delay_ms after a request for others with the same sampling settings,
-    # merging up to max_batch_rows replies into one generation.
+    # merging up to max_batch_rows replies into one generation (also the most replies one request may ask).
     max_delay_ms: float = 10.0
     max_batch_rows: int = 32
+    # Replies are generated this many tokens at a time, the queue served in between, so that a long reply
+    # holds a short request for one slice only (0: each batch runs to its longest reply, as before).
+    slice_tokens: int = 128
     # Reply length when a request gives no max_tokens (clamped to the room its prompt leaves).
     default_max_tokens: int = 512
     # Largest request body, and the most samples one request may ask for.
@@ -69,6 +81,8 @@ class PolicyServerConfig:
 
     def __post_init__(self) -> None:
         check_server_settings(self, positive=("max_batch_rows", "default_max_tokens", "max_body_bytes", "max_n"))
+        if self.slice_tokens < 0:
+            raise ConfigError(f"server.slice_tokens must be >= 0 (0: no slicing), got {self.slice_tokens}")
 
 
 @dataclass
@@ -114,8 +128,8 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(400, f"'{name}' must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(400, f"'{name}' must be a finite number, got {value!r}")
     if value > high or value < low or (low_open and value == low):
         raise RequestError(400, f"'{name}' must be in {'(' if low_open else '['}{low}, {high}], got {value}")
     return float(value)
@@ -131,6 +145,15 @@ def _integer(body: dict, name: str, default: Optional[int], low: int, high: Opti
     return value
 
 
+def _encodable(text: str, where: str) -> str:
+    """``text`` if it is valid Unicode; JSON's escapes can carry lone surrogates ("\\ud800") that no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(400, f"{where} is not valid Unicode ({error.reason} at character {error.start})") from None
+    return text
+
+
 def _message_text(message: Any, index: int) -> tuple[str, str]:
     if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
         raise RequestError(400, f"messages[{index}] must be an object with a role of system, user or assistant")
@@ -144,14 +167,13 @@ def _message_text(message: Any, index: int) -> tuple[str, str]:
         content = "".join(texts)
     if not isinstance(content, str):
         raise RequestError(400, f"messages[{index}].content must be a string")
-    return message["role"], content
+    return message["role"], _encodable(content, f"messages[{index}].content")
 
 
 def parse_request(kind: str, body: Any, tokenizer, model_name: str, max_length: int,
                   config: PolicyServerConfig) -> ParsedRequest:
     """Validate a chat or completion request and tokenize its prompts; a fault is a RequestError (4xx)."""
     from nemo_dvpo.inference.chat import apply_chat_template
-    from nemo_dvpo.utils.errors import NemoDvpoError
 
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
@@ -182,7 +204,7 @@ def parse_request(kind: str, body: Any, tokenizer, model_name: str, max_length: 
         texts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
             raise RequestError(400, "'prompt' must be a string or a non-empty list of strings")
-        prompts = [tokenizer(text)["input_ids"] for text in texts]
+        prompts = [tokenizer(_encodable(text, f"prompt[{index}]"))["input_ids"] for index, text in enumerate(texts)]
         if any(not ids for ids in prompts):
             raise RequestError(400, "a prompt is empty")
     for ids in prompts:
@@ -192,6 +214,10 @@ def parse_request(kind: str, body: Any, tokenizer, model_name: str, max_length: 
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
     n = _integer(body, "n", 1, 1, config.max_n)
+    if len(prompts) * n > config.max_batch_rows:
+        raise RequestError(400, f"the request asks for {len(prompts) * n} replies ({len(prompts)} prompt(s) x n={n}); "
+                                f"this server answers at most {config.max_batch_rows} per request "
+                                "(server.max_batch_rows): send them as several requests")
     requested = _integer(body, "max_completion_tokens", None, 1) if kind == "chat" else None
     requested = _integer(body, "max_tokens", requested, 1)
     max_tokens = [min(requested or config.default_max_tokens, room_for_reply(len(ids), max_length)) for ids in prompts]
@@ -203,7 +229,10 @@ def parse_request(kind: str, body: Any, tokenizer, model_name: str, max_length: 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be true or false")
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, greedy=temperature == 0, seed=seed or 0)
+    try:
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, greedy=temperature == 0, seed=seed or 0)
+    except NemoDvpoError as error:  # what the sampler refuses is the request's fault
+        raise RequestError(400, str(error)) from None
     return ParsedRequest(kind=kind, prompts=prompts, n=n, max_tokens=max_tokens, stop=stop, sampling=sampling,
                          stream=stream, seeded=seed is not None)
 
@@ -214,27 +243,51 @@ def parse_request(kind: str, body: Any, tokenizer, model_name: str, max_length: 
 @dataclass
 class _Pending(Pending):
     request: ParsedRequest
+    # One entry per reply (prompt-major, n per prompt): None until its first slice, then its reply so far.
+    replies: list[Optional[Completion]] = field(default_factory=list)
+    slices: int = 0  # slices run so far
+
+    def __post_init__(self) -> None:
+        self.replies = [None] * (len(self.request.prompts) * self.request.n)
+
+    @property
+    def unfinished(self) -> list[int]:
+        return [index for index, reply in enumerate(self.replies) if reply is None or reply.finish_reason is None]
 
     @property
     def rows(self) -> list[CompletionRequest]:
-        return [CompletionRequest(ids, limit, self.request.stop)
-                for ids, limit in zip(self.request.prompts, self.request.max_tokens) for _ in range(self.request.n)]
+        """The replies still to be generated, each continuing from its tokens so far."""
+        request = self.request
+        return [CompletionRequest(request.prompts[index // request.n], request.max_tokens[index // request.n],
+                                  request.stop, reply_ids=self.replies[index].token_ids if self.replies[index] else [])
+                for index in self.unfinished]
 
-    @property
-    def batch_key(self) -> tuple:
+    def length_class(self, slice_tokens: int) -> int:
+        """How many tokens this request's next call generates at most, as a power-of-two class: a static batch runs
+        to its longest row, so rows of very different lengths are not batched together."""
+        remaining = max(self.request.max_tokens[index // self.request.n] - (self.replies[index].completion_tokens
+                                                                           if self.replies[index] else 0)
+                        for index in self.unfinished)
+        return min(remaining, slice_tokens or remaining).bit_length()
+
+    def batch_key(self, slice_tokens: int) -> tuple:
         sampling = self.request.sampling
-        return (sampling.is_greedy, sampling.temperature, sampling.top_p,
-                sampling.seed if self.request.seeded else None)
+        seeded = self.request.seeded and not sampling.is_greedy
+        # A seeded request's slices draw from seeds of their own (see CompletionService.answer): one batch, one seed.
+        return (self.length_class(slice_tokens), sampling.is_greedy, sampling.temperature, sampling.top_p,
+                (sampling.seed, self.slices) if seeded else None)
 
 
-CompleteFn = Callable[[list[CompletionRequest], SamplingConfig], list[Completion]]
+CompleteFn = Callable[[list[CompletionRequest], SamplingConfig, Optional[int]], list[Completion]]
 
 
 class CompletionService(BatchingService):
     """Queues parsed requests from HTTP threads; :meth:`run` (the main thread) batches and answers them.
 
     The requests queued within ``max_delay_ms`` of the first are answered in batches of equal sampling
-    settings, each at most ``max_batch_rows`` replies, with ``complete_fn``.
+    settings and length class (:meth:`_Pending.length_class`), shortest first, each at most ``max_batch_rows``
+    replies, with ``complete_fn``, one slice of ``slice_tokens`` tokens at a time: a request with replies still
+    going goes back to the end of the queue.
     """
 
     what = "reply"
@@ -249,32 +302,38 @@ class CompletionService(BatchingService):
         return self._wait_for(_Pending(request))
 
     def batches_from(self, first: _Pending) -> Iterator[list[_Pending]]:
+        """The queued requests in batches of one sampling setting and one length class, shortest first."""
         groups: dict[tuple, list[_Pending]] = {}
         for pending in [first, *self._arrivals()]:
-            groups.setdefault(pending.batch_key, []).append(pending)
-        for group in groups.values():
+            groups.setdefault(pending.batch_key(self.config.slice_tokens), []).append(pending)
+        for key in sorted(groups, key=lambda key: key[0]):
+            group = groups[key]
             batch: list[_Pending] = []
             for pending in group:
-                if batch and sum(len(p.rows) for p in batch) + len(pending.rows) > self.config.max_batch_rows:
+                if batch and sum(len(p.unfinished) for p in batch) + len(pending.unfinished) > self.config.max_batch_rows:
                     yield batch
                     batch = []
                 batch.append(pending)
             yield batch
 
-    def answer(self, batch: list[_Pending]) -> list[list[Completion]]:
+    def answer(self, batch: list[_Pending]) -> list:
         rows = [row for pending in batch for row in pending.rows]
         sampling = batch[0].request.sampling
         if not batch[0].request.seeded:
-            sampling = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, greedy=sampling.greedy,
-                                      seed=self.next_seed)
+            sampling = dataclasses.replace(sampling, seed=self.next_seed)
             self.next_seed += 1
+        elif batch[0].slices and not sampling.is_greedy:
+            # Slice k of a seeded request draws from seed + k * a large odd number, not from its first slice's
+            # stream again (which would repeat that slice's random draws).
+            sampling = dataclasses.replace(sampling, seed=(sampling.seed + batch[0].slices * 0x9E3779B97F4A7C15) % 2**63)
         self.batches += 1
-        completions = self.complete_fn(rows, sampling)
-        answers, start = [], 0
+        completions = iter(self.complete_fn(rows, sampling, self.config.slice_tokens or None))
+        answers = []
         for pending in batch:
-            count = len(pending.rows)
-            answers.append(completions[start:start + count])
-            start += count
+            for index in pending.unfinished:
+                pending.replies[index] = next(completions)
+            pending.slices += 1
+            answers.append(UNFINISHED if pending.unfinished else pending.replies)
         return answers
 
 
@@ -333,7 +392,7 @@ def make_handler(service: CompletionService, tokenizer, model_name: str, max_len
                 status, "invalid_request_error" if status < 500 else "server_error")
             return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def _get(self) -> None:
             path, ready = self._path(), self.server.ready
             if path == "/health":
                 return self._json(200 if ready.is_set() and service.accepting else 503, {"ready": ready.is_set()})
@@ -356,10 +415,7 @@ def make_handler(service: CompletionService, tokenizer, model_name: str, max_len
             try:
                 if not self.server.ready.is_set():
                     raise RequestError(503, "the model is still loading")
-                try:
-                    body = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                    raise RequestError(400, f"the request body is not valid JSON ({error})") from None
+                body = parse_json(raw)
                 request = parse_request(kinds[path], body, tokenizer, model_name, max_length, config)
                 completions = service.submit(request)
             except RequestError as error:
@@ -382,7 +438,8 @@ def serve(cfg: ServePolicyConfig, stop) -> None:
     policy_model_config(cfg.policy)  # a wrong model fails before the port is taken
     policy = load_policy(cfg.policy, cfg.parallel, max_length=cfg.max_sequence_length, precision=cfg.precision,
                          name=cfg.served_model_name)
-    runner = ModelParallelRunner(lambda rows, sampling: complete(policy, rows, sampling), *model_parallel_group())
+    runner = ModelParallelRunner(
+        lambda rows, sampling, slice_tokens: complete(policy, rows, sampling, slice_tokens), *model_parallel_group())
     if not runner.is_leader:
         runner.follow()
         return
