@@ -41,14 +41,19 @@ class GVMClientConfig:
     max_retries: int = 5
     backoff_s: float = 1.0
     backoff_max_s: float = 30.0
-    # At start, how long to wait for a server that is still loading its model.
+    # At start, how long to wait for a server that is still loading its model (an 8B GVM takes minutes),
+    # and how often to say so meanwhile.
     ready_timeout_s: float = 600.0
+    ready_notice_s: float = 30.0
     # Environment variable holding the bearer token, if the server asks for one.
     token_env: str = "NEMO_DVPO_GVM_TOKEN"
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_s < 0:
             raise ConfigError("gvm_client.timeout_s must be > 0, max_retries and backoff_s >= 0")
+        if self.ready_timeout_s < 0 or self.ready_notice_s <= 0:
+            raise ConfigError(f"gvm_client.ready_timeout_s must be >= 0 and ready_notice_s > 0, got "
+                              f"{self.ready_timeout_s} and {self.ready_notice_s}")
 
 
 def is_url(gvm: Optional[str]) -> bool:
@@ -119,19 +124,30 @@ class GVMClient:
             f"{time.monotonic() - started:.0f} s; last failure: {last}")
 
     def wait_until_ready(self) -> None:
-        deadline = time.monotonic() + self.config.ready_timeout_s
-        last = ""
+        """Poll the servers' readiness until one answers, saying what it waits for at start and every
+        ``ready_notice_s``; give up after ``ready_timeout_s`` with one line naming the URLs and the last error."""
+        started = time.monotonic()
+        deadline = started + self.config.ready_timeout_s
+        where = ", ".join(self.urls)
+        last, next_notice = "", started
         while True:
             for url in self.urls:
                 try:
                     self._call(url, "/v2/health/ready", timeout=10)
+                    if next_notice > started:  # it had to wait: say when it stopped
+                        print(f"[gvm_client] {url} is ready after {time.monotonic() - started:.0f} s", flush=True)
                     return
                 except _HTTPError as error:
                     last = f"{url}: {error}"
-            if time.monotonic() > deadline:
-                raise ScorerUnavailable(f"no GVM server became ready within gvm_client.ready_timeout_s="
-                                        f"{self.config.ready_timeout_s}; last answer {last}")
-            time.sleep(1.0)
+            now = time.monotonic()
+            if now > deadline:
+                raise ScorerUnavailable(f"no GVM server became ready at {where} within gvm_client.ready_timeout_s="
+                                        f"{self.config.ready_timeout_s:g} s; last error {last}")
+            if now >= next_notice:
+                print(f"[gvm_client] waiting for the GVM server at {where} to be ready: {deadline - now:.0f} s left "
+                      f"(gvm_client.ready_timeout_s); last error {last}", flush=True)
+                next_notice = now + self.config.ready_notice_s
+            time.sleep(min(1.0, max(0.0, deadline - now)))
 
     def info(self) -> ScorerInfo:
         """What the servers serve; every URL must serve the same GVM."""
