@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from nemo_dvpo.evaluation.curves import read_run_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,8 @@ def run_entry_point(script: str, overrides: list[str]) -> float:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The run's metrics records (a last line torn by a kill is dropped)."""
+    return read_run_metrics(run_dir)
 
 
 def median_of(records: list[dict], key: str) -> float:
@@ -43,27 +45,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_gvm_server(gvm: str, *overrides: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """``examples/serve_gvm.py`` on a free loopback port; returns the process and its URL once it is ready."""
+def start_server(script: str, ready_path: str, *overrides: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``examples/<script>`` on a free loopback port; returns the process and its address once ``ready_path``
+    answers."""
     import urllib.error
     import urllib.request
 
     port = free_port()
     output = open(log, "w") if log else subprocess.DEVNULL
-    process = subprocess.Popen([sys.executable, "examples/serve_gvm.py", f"gvm={gvm}", f"server.port={port}",
-                                *overrides], cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, f"examples/{script}", f"server.port={port}", *overrides],
+                               cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the GVM server exited with {process.returncode} (log: {log})")
+            raise RuntimeError(f"{script} exited with {process.returncode} (log: {log})")
         try:
-            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2):
+            with urllib.request.urlopen(url + ready_path, timeout=2):
                 return process, url
         except (urllib.error.URLError, OSError):
             time.sleep(0.5)
     process.kill()
-    raise RuntimeError("the GVM server did not become ready")
+    raise RuntimeError(f"{script} did not become ready")
+
+
+def start_gvm_server(gvm: str, *overrides: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``examples/serve_gvm.py`` on a free loopback port; returns the process and its URL once it is ready."""
+    return start_server("serve_gvm.py", "/v2/health/ready", f"gvm={gvm}", *overrides, log=log)
 
 
 def stop_process(process: subprocess.Popen) -> None:

@@ -438,3 +438,51 @@ def test_a_failed_rank_gives_one_clean_message_under_the_launcher(tmp_path):
     assert completed.returncode == 2 and "Traceback" not in output, output[-4000:]
     assert output.count("/nonexistent/data.jsonl' does not exist") == 1, output
     assert "rank " in output.splitlines()[-1] and "exit status 2" in output.splitlines()[-1]
+
+
+# -- metrics.jsonl torn by a kill ----------------------------------------------------------------------------
+
+def _tear_after(run_dir: Path, step: int) -> None:
+    """Leave ``metrics.jsonl`` as a SIGKILL during the append of step ``step + 1``'s record would: the records up
+    to ``step``, then part of the next line, without its newline."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    torn = lines[len(kept)][:len(lines[len(kept)]) // 2]
+    (run_dir / "metrics.jsonl").write_text("".join(kept) + torn)
+
+
+def test_metrics_logger_drops_a_torn_last_line_on_resume_and_names_any_other_bad_line(tmp_path, capsys):
+    from nemo_dvpo.training.metrics import MetricsLogger
+    from nemo_dvpo.utils.errors import NemoDvpoError
+
+    records = [{"step": step, "train/loss": 1.0 / step} for step in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _tear_after(tmp_path, 3)
+    logger = MetricsLogger(tmp_path, resume_step=3)
+    logger.log(4, {"train/loss": 0.5})
+    logger.close()
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
+        records[:3] + [{"step": 4, "train/loss": 0.5}]
+    notice = [line for line in capsys.readouterr().err.splitlines() if "torn last line" in line]
+    assert notice == [f"[metrics] {tmp_path / 'metrics.jsonl'}:4: dropped a torn last line (a run killed while "
+                      "writing it)"]
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')  # not a kill's doing
+    with pytest.raises(NemoDvpoError, match=r"metrics.jsonl:2: not valid JSON"):
+        MetricsLogger(tmp_path, resume_step=3)
+
+
+def test_a_run_killed_while_writing_its_metrics_resumes_exactly(uninterrupted, tmp_path):
+    """The run's state as a kill during step 37's metrics append leaves it (checkpoint of step 36, the record
+    of step 37 half written): ``resume_from`` that checkpoint drops the torn line and ends as the uninterrupted
+    run, every step logged once."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / "final")
+    resume_step = STEPS - SAVE_EVERY
+    _tear_after(run_dir, resume_step)
+    completed = _run(_gvm_command(run_dir, f"resume_from={run_dir / 'checkpoints' / f'step_{resume_step:07d}'}"))
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "dropped a torn last line" in completed.stderr
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and _losses(run_dir) == _losses(uninterrupted)

@@ -12,7 +12,9 @@ from typing import Iterator, Optional
 
 import torch
 
+from nemo_dvpo.data.jsonl import iter_jsonl
 from nemo_dvpo.utils.distributed import is_rank_zero
+from nemo_dvpo.utils.errors import NemoDvpoError
 
 
 def peak_memory_mib() -> float:
@@ -26,8 +28,8 @@ def peak_memory_mib() -> float:
 class MetricsLogger:
     """Writes ``{step, metrics}`` to TensorBoard and ``metrics.jsonl`` under ``run_dir`` (rank 0 only).
 
-    The JSONL file is appended to, so a resumed run continues the same log; entries at or after
-    the resume step are dropped first so that the log shows each step once.
+    The JSONL file is appended to, so a resumed run continues the same log; entries after the resume
+    step are dropped first so that the log shows each step once (:func:`records_up_to`).
     """
 
     def __init__(self, run_dir: str | Path, resume_step: Optional[int] = None):
@@ -40,9 +42,8 @@ class MetricsLogger:
 
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.jsonl_path.exists():
-            kept = [line for line in self.jsonl_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.jsonl_path.write_text("".join(line + "\n" for line in kept))
+            kept = records_up_to(self.jsonl_path, resume_step)
+            self.jsonl_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         elif resume_step is None and self.jsonl_path.exists():
             self.jsonl_path.unlink()
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
@@ -58,6 +59,29 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def records_up_to(path: Path, step: int) -> list[dict]:
+    """The records of ``path`` (a ``metrics.jsonl``) logged at or before ``step``, for a resume.
+
+    A run killed while appending leaves its last line cut short (``{"step": 99, "train/lo``); that line is
+    dropped with a one-line notice - the resumed run logs that step again. Any other unreadable line is an
+    error naming the file and line, since something other than a kill wrote it.
+    """
+    lines = list(iter_jsonl(path, "metrics file"))
+    if lines and lines[-1].error is not None and lines[-1].error.startswith("not valid JSON"):
+        print(f"[metrics] {path}:{lines[-1].number}: dropped a torn last line (a run killed while writing it)",
+              file=sys.stderr, flush=True)
+        lines.pop()
+    records = []
+    for line in lines:
+        if line.error is not None:
+            raise NemoDvpoError(f"{path}:{line.number}: {line.error}")
+        if not isinstance(line.value, dict) or not isinstance(line.value.get("step"), int):
+            raise NemoDvpoError(f"{path}:{line.number}: not a metrics record (an object with an integer 'step')")
+        if line.value["step"] <= step:
+            records.append(line.value)
+    return records
 
 
 def progress_bar(total: int, initial: int = 0, description: str = ""):
