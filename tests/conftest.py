@@ -153,7 +153,8 @@ def tiny_policy_and_gvm(tmp_path_factory, megatron_single_rank) -> Path:
     from nemo_dvpo.checkpointing.model_checkpoint import save_model_checkpoint
     from nemo_dvpo.models.config import load_model_config
     from nemo_dvpo.models.sources import load_tokenizer
-    from nemo_dvpo.models.value_model import build_value_model, value_head
+    from nemo_dvpo.checkpointing.model_checkpoint import load_value_model
+    from nemo_dvpo.models.value_model import value_head
     from nemo_dvpo.utils.distributed import ParallelConfig
     from tests.distributed.common import megatron_from_hf, random_hf_model
 
@@ -163,7 +164,7 @@ def tiny_policy_and_gvm(tmp_path_factory, megatron_single_rank) -> Path:
     hf_model = random_hf_model(model_cfg)
     policy = megatron_from_hf(model_cfg, hf_model, ParallelConfig())
     save_model_checkpoint(policy, work_dir / "init", model_cfg, hf_model.config, tokenizer, kind="policy")
-    gvm = build_value_model(model_cfg, init_from=str(work_dir / "init"))
+    gvm = load_value_model(model_cfg, init_from=str(work_dir / "init"))
     with torch.no_grad():
         head = value_head(gvm)
         head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))

@@ -52,7 +52,7 @@ def _assert_bit_exact(original: Path, exported: Path) -> None:
 def test_round_trip_is_bit_exact_and_loads_in_transformers(tiny_hf_folder, tmp_path, megatron_single_rank):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nemo_dvpo.models.conversion import convert_hf_to_megatron, export_megatron_to_hf
+    from nemo_dvpo.checkpointing.conversion import convert_hf_to_megatron, export_megatron_to_hf
 
     convert_hf_to_megatron(str(tiny_hf_folder), tmp_path / "megatron")
     export_megatron_to_hf(tmp_path / "megatron", tmp_path / "exported")
@@ -96,7 +96,7 @@ def test_a_saved_gguf_tokenizer_keeps_its_ids_and_template_without_a_copy_of_the
 @pytest.mark.parametrize("layout", [("--tp", "2"), ("--pp", "2")], ids=["tp2", "pp2"])
 def test_checkpoint_resaved_from_a_parallel_run_exports_bit_exact(layout, tmp_path, smollm2_hf_folder,
                                                                  megatron_single_rank):
-    from nemo_dvpo.models.conversion import convert_hf_to_megatron, export_megatron_to_hf
+    from nemo_dvpo.checkpointing.conversion import convert_hf_to_megatron, export_megatron_to_hf
 
     hf_folder = _make_tiny_hf_folder(tmp_path / "hf", "llama", smollm2_hf_folder)
     convert_hf_to_megatron(str(hf_folder), tmp_path / "tp1")

@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 
-from nemo_dvpo.algorithms.dvpo import (
+from nemo_dvpo.algorithms.dvpo import compute_advantages
+from nemo_dvpo.algorithms.ppo import (
     AdaptiveKLController,
     FixedKLController,
-    compute_advantages,
     kl_estimate,
     masked_normalize,
     policy_loss,

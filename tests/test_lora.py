@@ -87,7 +87,7 @@ def _hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def test_merged_hf_export_computes_the_adapted_models_logits(tmp_path, megatron_single_rank):
-    from nemo_dvpo.models.conversion import export_model_to_hf
+    from nemo_dvpo.checkpointing.conversion import export_model_to_hf
     from nemo_dvpo.models.forward import full_logits
     from nemo_dvpo.models.lora import LoRAConfig, apply_lora, has_adapters
     from nemo_dvpo.models.sources import load_tokenizer
@@ -164,6 +164,7 @@ def _parameters(model) -> dict[str, torch.Tensor]:
 def test_value_model_trains_only_adapters_and_head_and_its_checkpoints_resume_and_load_merged(
         tmp_path, megatron_single_rank):
     from nemo_dvpo.checkpointing.train_checkpoint import load_training_checkpoint, save_training_checkpoint
+    from nemo_dvpo.checkpointing.model_checkpoint import load_value_model
     from nemo_dvpo.models.lora import LoRAConfig
     from nemo_dvpo.models.value_model import build_value_model, token_values
     from nemo_dvpo.training.optim import OptimConfig
@@ -197,7 +198,7 @@ def test_value_model_trains_only_adapters_and_head_and_its_checkpoints_resume_an
     assert _train(model, optimizer, scheduler, 2) == _train(resumed, resumed_optimizer, resumed_scheduler, 2)
 
     # Into a model without adapters (a scorer, init_from) it loads merged; other adapter settings are refused.
-    plain = build_value_model(model_cfg, init_from=str(path))
+    plain = load_value_model(model_cfg, init_from=str(path))
     torch.testing.assert_close(token_values(plain, tokens), adapted_values, rtol=0, atol=1e-5)
     other, other_optimizer, other_scheduler = _value_model_with_lora(model_cfg, LoRAConfig(enabled=True, dim=8),
                                                                      optim)

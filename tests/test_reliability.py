@@ -210,7 +210,7 @@ def tiny_hf(tmp_path_factory, smollm2_hf_folder) -> Path:
 
 
 def test_converters_never_replace_a_folder_they_did_not_write(tiny_hf, tmp_path, megatron_single_rank):
-    from nemo_dvpo.models.conversion import convert_hf_to_megatron, export_megatron_to_hf
+    from nemo_dvpo.checkpointing.conversion import convert_hf_to_megatron, export_megatron_to_hf
     from nemo_dvpo.utils.errors import NemoDvpoError
 
     megatron, exported = tmp_path / "megatron", tmp_path / "exported"

@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from nemo_dvpo.models.conversion import export_megatron_to_hf
+    from nemo_dvpo.checkpointing.conversion import export_megatron_to_hf
     from nemo_dvpo.utils.distributed import ParallelConfig, destroy_distributed, print_rank_zero
 
     parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_parallel,

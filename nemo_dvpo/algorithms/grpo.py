@@ -7,7 +7,7 @@ carries it::
     A_{i,t} = (s_i - mean(s_1..s_G)) / (std(s_1..s_G) + eps)
 
 (``std`` with Bessel's correction, as TRL computes it). The policy then takes PPO's clipped surrogate with the
-KL to the reference as a loss term (``beta * k3``): :func:`nemo_dvpo.algorithms.dvpo.policy_loss`.
+KL to the reference as a loss term (``beta * k3``): :func:`nemo_dvpo.algorithms.ppo.policy_loss`.
 """
 
 from __future__ import annotations

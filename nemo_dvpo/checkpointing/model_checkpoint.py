@@ -376,3 +376,24 @@ def load_model_checkpoint(path: str | Path, precision: Optional[str] = None, **b
     load_sharded_weights(model, Path(path) / "weights")
     tokenizer = load_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer else None
     return model, model_cfg, tokenizer
+
+
+def load_value_model(model_cfg: ModelConfig, init_from: Optional[str] = None, **build_kwargs: Any):
+    """Collective: :func:`nemo_dvpo.models.value_model.build_value_model`, its weights from ``init_from``.
+
+    None builds from ``model_cfg.source`` with a fresh (zero) head; a nemo_dvpo model checkpoint folder loads
+    that model's trunk, a value-model checkpoint (any of ``VALUE_MODEL_KINDS``: a GVM, a reward model, PPO's
+    critic) trunk and head. With a checkpoint, only ``model_cfg.precision`` and ``model_cfg.activation_recompute``
+    are taken from ``model_cfg``; the shape is the checkpoint's. ``build_kwargs`` go to ``build_value_model``.
+    """
+    from nemo_dvpo.models.value_model import VALUE_MODEL_KINDS, build_value_model
+
+    if init_from is None:
+        return build_value_model(model_cfg, **build_kwargs)
+    kind = read_checkpoint_metadata(init_from)["kind"]
+    weights = Path(init_from) / "weights"
+    # The checkpoint defines the shape; the caller chooses how it runs.
+    return build_value_model(read_checkpoint_model_config(init_from, run_as=model_cfg),
+                             hf_config=load_hf_config_from_checkpoint(init_from),
+                             load_weights=lambda model: load_sharded_weights(model, weights),
+                             restores_head=kind in VALUE_MODEL_KINDS, **build_kwargs)

@@ -10,7 +10,7 @@ Layout (``RUN_DIR/checkpoints/step_0000100/``)::
     rng/rank_00000.pt           per-rank torch / CUDA RNG states
 
 Because ``weights/`` and the metadata are those of a model checkpoint, every training checkpoint is
-also a model checkpoint (``load_model_checkpoint``, ``build_value_model(init_from=...)``, the
+also a model checkpoint (``load_model_checkpoint``, ``load_value_model(init_from=...)``, the
 conversion tools). ``RUN_DIR/checkpoints/latest`` names the newest complete checkpoint; it is
 rewritten atomically after the checkpoint folder is in place, so a run killed at any moment
 resumes from a complete checkpoint.

@@ -26,7 +26,8 @@ def load_gvm(path: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,
              precision: Optional[str] = None) -> LoadedGVM:
     """Collective: initialise distributed state for the layout and load the GVM at ``path``."""
     from nemo_dvpo.models.sources import load_tokenizer
-    from nemo_dvpo.models.value_model import VALUE_MODEL_KINDS, build_value_model
+    from nemo_dvpo.checkpointing.model_checkpoint import load_value_model
+    from nemo_dvpo.models.value_model import VALUE_MODEL_KINDS
     from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed
 
     metadata = read_checkpoint_metadata(path)
@@ -40,7 +41,7 @@ def load_gvm(path: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,
     initialize_distributed(ParallelConfig(tensor_parallel, pipeline_parallel),
                            num_attention_heads=model_cfg.num_attention_heads,
                            num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
-    model = build_value_model(model_cfg, init_from=path)
+    model = load_value_model(model_cfg, init_from=path)
     if model_cfg.tokenizer is None:
         raise CheckpointError(f"GVM checkpoint {path} holds no tokenizer")
     tokenizer = load_tokenizer(model_cfg.tokenizer)

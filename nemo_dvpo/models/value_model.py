@@ -16,8 +16,7 @@ returns values of shape (batch, seq, 1) where a GPT returns logits. The head
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -94,50 +93,36 @@ def value_head(model: list[torch.nn.Module]) -> Optional[ValueHead]:
     return gpt.output_layer if gpt.post_process else None
 
 
-def build_value_model(model_cfg: ModelConfig, *, init_from: Optional[str] = None, wrap_with_ddp: bool = False,
-                      ddp_config=None, seq_length: Optional[int] = None,
-                      pg_collection=None, lora=None) -> list[torch.nn.Module]:
+def build_value_model(model_cfg: ModelConfig, *, wrap_with_ddp: bool = False, ddp_config=None,
+                      seq_length: Optional[int] = None, pg_collection=None, lora=None, hf_config=None,
+                      load_weights: Optional[Callable[[list[torch.nn.Module]], None]] = None,
+                      restores_head: bool = False) -> list[torch.nn.Module]:
     """A GVM at the current TP/PP layout, or on its own process groups when ``pg_collection`` is given.
 
-    ``init_from`` selects the trunk's weights: None takes ``model_cfg.source`` (an HF folder, hub id
-    or GGUF file); a nemo_dvpo model checkpoint folder loads that model's trunk; a GVM checkpoint
-    (any of :data:`VALUE_MODEL_KINDS`: a GVM, a reward model, PPO's critic) restores trunk and head. The head
-    is fresh (zero) unless restored. With a checkpoint, only ``model_cfg.precision`` and
-    ``model_cfg.activation_recompute`` are taken from ``model_cfg``; the shape is the checkpoint's.
+    Its trunk comes from ``model_cfg.source`` (an HF folder, hub id or GGUF file) with a fresh (zero) head,
+    unless ``load_weights`` fills the model from elsewhere (with ``hf_config``, the model's HF config): a
+    trunk's weights before the head is attached, or trunk and head after it (``restores_head``). Loading
+    from a nemo_dvpo checkpoint is :func:`nemo_dvpo.checkpointing.model_checkpoint.load_value_model`'s.
     An enabled ``lora`` (:class:`nemo_dvpo.models.lora.LoRAConfig`) adds adapters to the trunk after loading.
     A model wrapped for training (``wrap_with_ddp``) holds its head in ``model_cfg.precision``, a frozen one
     in fp32 (:func:`attach_value_head`).
     """
-    from nemo_dvpo.checkpointing.model_checkpoint import (
-        load_hf_config_from_checkpoint,
-        load_sharded_weights,
-        read_checkpoint_metadata,
-        read_checkpoint_model_config,
-    )
-
     head_dtype = params_dtype(model_cfg.precision) if wrap_with_ddp else torch.float32
-    if init_from is None:
-        return build_gpt_model(model_cfg, wrap_with_ddp=wrap_with_ddp, ddp_config=ddp_config,
-                               seq_length=seq_length, transform=lambda model: attach_value_head(model, head_dtype),
-                               pg_collection=pg_collection, lora=lora)
-    metadata = read_checkpoint_metadata(init_from)
-    hf_config = load_hf_config_from_checkpoint(init_from)
-    # The checkpoint defines the shape; the caller chooses how it runs.
-    model_cfg = read_checkpoint_model_config(init_from, run_as=model_cfg)
-    weights = Path(init_from) / "weights"
-    if metadata["kind"] in VALUE_MODEL_KINDS:
+    if load_weights is None:
+        transform = lambda model: attach_value_head(model, head_dtype)  # noqa: E731
+    elif restores_head:
         def transform(model):
             attach_value_head(model, head_dtype)
-            load_sharded_weights(model, weights)
+            load_weights(model)
             return model
     else:
         def transform(model):
             # The trunk's own output layer is loaded and then discarded by the head swap.
-            load_sharded_weights(model, weights)
+            load_weights(model)
             return attach_value_head(model, head_dtype)
-    return build_gpt_model(model_cfg, hf_config=hf_config, load_weights=False, wrap_with_ddp=wrap_with_ddp,
-                           ddp_config=ddp_config, seq_length=seq_length, transform=transform,
-                           pg_collection=pg_collection, lora=lora)
+    return build_gpt_model(model_cfg, hf_config=hf_config, load_weights=load_weights is None,
+                           wrap_with_ddp=wrap_with_ddp, ddp_config=ddp_config, seq_length=seq_length,
+                           transform=transform, pg_collection=pg_collection, lora=lora)
 
 
 def token_values(model: list[torch.nn.Module], tokens: torch.Tensor,

@@ -33,7 +33,7 @@ from nemo_dvpo.data.preference import PreferenceDataConfig, ValueBatch, collate_
 from nemo_dvpo.data.prompts import load_prompts
 from nemo_dvpo.data.splits import EpochStream
 from nemo_dvpo.models.config import ModelConfig
-from nemo_dvpo.models.conversion import export_model_to_hf
+from nemo_dvpo.checkpointing.conversion import export_model_to_hf
 from nemo_dvpo.models.lora import LoRAConfig
 from nemo_dvpo.models.forward import logits_for_positions, position_ids_for
 from nemo_dvpo.models.logprobs import at_token_positions, response_logit_span, target_logprobs

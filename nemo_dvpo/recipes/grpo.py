@@ -8,7 +8,7 @@ Three models take part: the policy (trains), a frozen reference and a frozen rew
     group, at every one of its tokens;  5. PPO epochs of the clipped surrogate with the KL as a loss term
     (``beta * k3``);  6. the KL controller, metrics.
 
-The advantages are :mod:`nemo_dvpo.algorithms.grpo`; the loss :func:`~nemo_dvpo.algorithms.dvpo.policy_loss`.
+The advantages are :mod:`nemo_dvpo.algorithms.grpo`; the loss :func:`~nemo_dvpo.algorithms.ppo.policy_loss`.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from nemo_dvpo.algorithms.gvm import gvm_loss, lambda_returns, last_response_index, terminal_rewards
 from nemo_dvpo.algorithms.reward import bradley_terry_loss, pair_rows
-from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config, save_model_checkpoint
+from nemo_dvpo.checkpointing.model_checkpoint import load_value_model, read_checkpoint_model_config, save_model_checkpoint
 from nemo_dvpo.checkpointing.run_dir import check_resumed_model, prepare_run_dir
 from nemo_dvpo.checkpointing.train_checkpoint import load_training_checkpoint, save_training_checkpoint
 from nemo_dvpo.data.preference import (
@@ -44,7 +44,7 @@ from nemo_dvpo.recipes.config import parse_recipe_config
 from nemo_dvpo.models.forward import position_ids_for
 from nemo_dvpo.models.sources import load_tokenizer
 from nemo_dvpo.models.lora import LoRAConfig, has_adapters, merge_adapters
-from nemo_dvpo.models.value_model import build_value_model, token_values
+from nemo_dvpo.models.value_model import token_values
 from nemo_dvpo.training.metrics import MetricsLogger, peak_memory_mib, progress_bar
 from nemo_dvpo.training.data_parallel import DataParallel
 from nemo_dvpo.training.optim import OptimConfig, build_optimizer, ddp_config_for
@@ -188,7 +188,7 @@ class GVMRecipe:
 
         # Model, optimizer, schedule.
         self.hf_config = resolve_hf_config(model_cfg) if cfg.init_from is None else None
-        self.model = build_value_model(model_cfg, init_from=cfg.init_from, wrap_with_ddp=True,
+        self.model = load_value_model(model_cfg, init_from=cfg.init_from, wrap_with_ddp=True,
                                        ddp_config=ddp_config_for(cfg.optim), seq_length=cfg.data.processing.max_length,
                                        lora=cfg.lora)
         if self.hf_config is None:

@@ -10,8 +10,8 @@ value-model checkpoint), as in InstructGPT. Per step, ``PPORecipe.train()``:
     steps) policy epochs on PPO's clipped surrogate;  6. the KL controller, metrics (explained variance
     included).
 
-The equations are :mod:`nemo_dvpo.algorithms.ppo`; the policy's loss is :func:`~nemo_dvpo.algorithms.dvpo.
-policy_loss`. Policy and critic are checkpointed together and resume exactly.
+The equations, the critic's and the policy's loss (:func:`~nemo_dvpo.algorithms.ppo.policy_loss`), are
+:mod:`nemo_dvpo.algorithms.ppo`. Policy and critic are checkpointed together and resume exactly.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import torch
 
 from nemo_dvpo.algorithms.ppo import (explained_variance, gae, normalize_scores, ppo_rewards, state_values,
                                       value_loss)
-from nemo_dvpo.checkpointing.model_checkpoint import load_hf_config_from_checkpoint, read_checkpoint_model_config
+from nemo_dvpo.checkpointing.model_checkpoint import (load_hf_config_from_checkpoint, load_value_model,
+                                                     read_checkpoint_model_config)
 from nemo_dvpo.checkpointing.train_checkpoint import TrainedModel
-from nemo_dvpo.models.value_model import build_value_model, token_values
+from nemo_dvpo.models.value_model import token_values
 from nemo_dvpo.recipes.config import parse_recipe_config
 from nemo_dvpo.rlhf.config import PolicyRunConfig, PolicyUpdateConfig
 from nemo_dvpo.rlhf.policy_run import PolicyRun
@@ -102,7 +103,7 @@ class PPORecipe:
         if model_cfg.vocab_size != run.policy_cfg.vocab_size:
             raise ConfigError(f"critic.init_from={init_from} has vocabulary size {model_cfg.vocab_size}, the policy "
                               f"{run.policy_cfg.vocab_size}")
-        model = build_value_model(model_cfg, init_from=init_from, wrap_with_ddp=True,
+        model = load_value_model(model_cfg, init_from=init_from, wrap_with_ddp=True,
                                   ddp_config=ddp_config_for(cfg.critic.optim), seq_length=run.seq_length)
         optimizer, scheduler = build_optimizer(model, cfg.critic.optim, cfg.train.steps * updates_per_step)
         configure_for_training(model, optimizer)

@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from nemo_dvpo.algorithms.dvpo import AdaptiveKLController, FixedKLController, kl_estimate, policy_loss
+from nemo_dvpo.algorithms.ppo import AdaptiveKLController, FixedKLController, kl_estimate, policy_loss
 from nemo_dvpo.checkpointing.model_checkpoint import (
     load_hf_config_from_checkpoint,
     load_sharded_weights,
@@ -43,15 +43,14 @@ from nemo_dvpo.evaluation.value_accuracy import wilson_interval
 from nemo_dvpo.evaluation.verifiable import EvaluationInterrupted, evaluate_verifiable, paired_change
 from nemo_dvpo.inference.generation import SamplingConfig
 from nemo_dvpo.models.builder import build_gpt_model, resolve_hf_config, unwrap_model
-from nemo_dvpo.models.conversion import export_model_to_hf
+from nemo_dvpo.checkpointing.conversion import export_model_to_hf
 from nemo_dvpo.models.lora import LoRAConfig, adapters_disabled, has_adapters, merge_adapters
 from nemo_dvpo.models.sources import load_tokenizer
 from nemo_dvpo.rlhf.config import EvalConfig, PolicyRunConfig, PolicyUpdateConfig
 from nemo_dvpo.rlhf.rollout import Sample, sample_rollout, token_logprobs
-from nemo_dvpo.rlhf.scorers import LocalValueModel, ScorerInfo, check_scorer_matches_policy
+from nemo_dvpo.rlhf.scorers import LocalValueModel, ScorerInfo, ScorerUnavailable, check_scorer_matches_policy
 from nemo_dvpo.rlhf.trajectory import Trajectory
 from nemo_dvpo.rlhf.update import LogprobOutputs, MiniBatchSchedule, minibatch_update
-from nemo_dvpo.serving.gvm_client import ScorerUnavailable
 from nemo_dvpo.training.data_parallel import DataParallel
 from nemo_dvpo.training.metrics import MetricsLogger, PhaseTimer, peak_memory_mib, progress_bar
 from nemo_dvpo.training.offload import move_parameters, offload_enabled, offloaded

@@ -11,7 +11,8 @@ deployment choice, so the recipe talks to a :class:`ValueScorer`:
   producing values for tokens the GVM never saw.
 
 :class:`LocalValueModel` runs a value-model checkpoint (a GVM, a reward model) in this process;
-:class:`nemo_dvpo.serving.gvm_client.RemoteGVM` asks a server (``examples/serve_gvm.py``). Both score with
+:class:`nemo_dvpo.serving.gvm_client.RemoteGVM` asks a server (``examples/serve_gvm.py``) - it lives beside the
+server, which owns the wire protocol, and serving sits above this package. Both score with
 :func:`nemo_dvpo.models.value_model.sequence_values`, so they return the same bits. A reward model is a value
 model read at each response's last token: :class:`RewardScorer` turns any value scorer into one.
 """
@@ -25,7 +26,12 @@ from typing import Optional, Protocol
 
 import torch
 
-from nemo_dvpo.utils.errors import CheckpointError, ConfigError
+from nemo_dvpo.utils.errors import CheckpointError, ConfigError, NemoDvpoError
+
+
+class ScorerUnavailable(NemoDvpoError):
+    """A scorer that could not answer (a GVM server that stayed away after every retry): the run stops at a
+    checkpoint it can resume from, rather than failing."""
 
 
 @dataclass(frozen=True)
@@ -116,14 +122,15 @@ class LocalValueModel:
     def __init__(self, path: str, precision: str, seq_length: int, *, kinds: tuple[str, ...] = ("gvm",),
                  tensor_parallel: Optional[int] = None, rows: int = 8, bucket: int = 64, offload: bool = False):
         from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config
-        from nemo_dvpo.models.value_model import build_value_model, canonical_length
+        from nemo_dvpo.checkpointing.model_checkpoint import load_value_model
+        from nemo_dvpo.models.value_model import canonical_length
         from nemo_dvpo.training.offload import move_parameters, offload_enabled
 
         self.info = value_model_info(path, kinds)
         model_cfg = read_checkpoint_model_config(path)
         self.groups = None if tensor_parallel is None else _own_groups(model_cfg, tensor_parallel)
         # Built for a multiple of ``bucket``: every sequence up to ``seq_length`` has its canonical shape.
-        self.model = build_value_model(model_cfg, init_from=path, seq_length=canonical_length(seq_length, bucket),
+        self.model = load_value_model(model_cfg, init_from=path, seq_length=canonical_length(seq_length, bucket),
                                        pg_collection=self.groups)
         for module in self.model:
             module.eval()

@@ -23,14 +23,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from nemo_dvpo.rlhf.scorers import ScorerInfo
+from nemo_dvpo.rlhf.scorers import ScorerInfo, ScorerUnavailable
 from nemo_dvpo.serving.gvm_server import MODEL_NAME, info_from_metadata
 from nemo_dvpo.serving.kserve import HEADER_LENGTH, infer_request_body, parse_infer_response
 from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
-
-
-class ScorerUnavailable(NemoDvpoError):
-    """The GVM server did not answer after every retry."""
 
 
 @dataclass

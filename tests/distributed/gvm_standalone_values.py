@@ -21,7 +21,8 @@ def main() -> None:
     import nemo_dvpo  # noqa: F401
     from nemo_dvpo.models.builder import unwrap_model
     from nemo_dvpo.models.config import load_model_config
-    from nemo_dvpo.models.value_model import build_value_model, token_values
+    from nemo_dvpo.checkpointing.model_checkpoint import load_value_model
+    from nemo_dvpo.models.value_model import token_values
     from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed, standalone_model_groups
 
     checkpoint, global_tp, gvm_tp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -31,10 +32,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(100 + dp_rank)
     tokens = torch.randint(0, model_cfg.vocab_size, (2 + dp_rank, 9 + 4 * dp_rank), generator=generator)
 
-    at_global_layout = build_value_model(model_cfg, init_from=checkpoint)
+    at_global_layout = load_value_model(model_cfg, init_from=checkpoint)
     expected = token_values(at_global_layout, tokens)
     groups = standalone_model_groups(gvm_tp)
-    standalone = build_value_model(model_cfg, init_from=checkpoint, pg_collection=groups)
+    standalone = load_value_model(model_cfg, init_from=checkpoint, pg_collection=groups)
     actual = token_values(standalone, tokens, micro_batch_size=2, pg_collection=groups)
 
     same_shape = actual.shape == expected.shape

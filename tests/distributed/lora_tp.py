@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_dvpo.models.config import load_model_config
-from nemo_dvpo.models.conversion import export_model_to_hf
+from nemo_dvpo.checkpointing.conversion import export_model_to_hf
 from nemo_dvpo.models.forward import full_logits
 from nemo_dvpo.models.lora import LoRAConfig, adapter_modules, adapters_disabled, apply_lora, merge_adapters
 from nemo_dvpo.models.sources import load_tokenizer
