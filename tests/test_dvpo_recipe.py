@@ -18,6 +18,7 @@ from tests.conftest import (
     read_checkpoint_tensors,
     run_torchrun,
 )
+from tests.tolerances import llama_terms, reduction_atol
 
 STEP_METRICS = ("rollout/kl", "rollout/gvm_value_mean", "rollout/advantage_std", "train/entropy",
                 "train/pg_loss", "train/kl_loss", "train/grad_norm", "train/clip_fraction", "train/approx_kl")
@@ -77,7 +78,13 @@ def test_gvm_at_its_own_tp_size_gives_the_values_of_the_gvm_at_the_global_layout
     result = run_torchrun("gvm_standalone_values.py", 2, str(work_dir / "gvm"), str(global_tp), str(gvm_tp),
                           tmp_path=tmp_path)
     assert result["value_scale"] > 0.1
-    assert result["max_abs_diff"] < 1e-5
+    # The tiny GVM at TP=1 vs TP=2 (and another micro-batching) on rows of up to 13 tokens: llama_terms
+    # "logits" at seq 13 = 2280 terms, 6 sqrt(n) = 286 eps * value_scale (~29.4): atol ~1e-3. Observed
+    # 7.6e-6 (2.2 eps * value_scale) both ways; was 1e-5, 76% used.
+    from nemo_dvpo.models.config import load_model_config
+
+    terms = llama_terms(load_model_config("tiny"), seq_len=13)
+    assert result["max_abs_diff"] < reduction_atol(result["value_scale"], terms)
     # The GVM really is sharded at its own size, not the global one.
     assert result["gvm_qkv_rows"] * gvm_tp == result["global_qkv_rows"] * global_tp
 

@@ -43,7 +43,8 @@ def main() -> None:
     export_model_to_hf(model, hf_model.config, load_tokenizer(model_cfg.tokenizer_source), export_dir)
     result = {"adapters_off_equal_base": bool(torch.equal(off, base)),
               "adapted_minus_base": (adapted - base).abs().max().item(),
-              "merged_minus_adapted": (merged - adapted).abs().max().item()}
+              "merged_minus_adapted": (merged - adapted).abs().max().item(),
+              "logit_scale": adapted.abs().max().item()}
     if dist.get_rank() == 0:
         from transformers import AutoModelForCausalLM
 
