@@ -486,3 +486,18 @@ def test_a_run_killed_while_writing_its_metrics_resumes_exactly(uninterrupted, t
     assert "dropped a torn last line" in completed.stderr
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and _losses(run_dir) == _losses(uninterrupted)
+
+
+def test_each_stage_reports_its_own_peak_memory():
+    """A run that trains a GVM first resets the peak before stage 2 (nemo_dvpo.recipes.dvpo.train_gvm_first),
+    so stage 2's summary is not stage 1's peak."""
+    import numpy as np
+
+    from nemo_dvpo.training.metrics import peak_memory_mib, reset_peak_memory
+
+    before = peak_memory_mib()
+    stage_one = np.ones(2**28 // 8)  # 256 MiB, touched
+    assert peak_memory_mib() >= before + 200
+    del stage_one
+    reset_peak_memory()
+    assert peak_memory_mib() < before + 100  # the freed 256 MiB no longer count

@@ -24,6 +24,7 @@ from nemo_dvpo.rlhf.rollout import Sample
 from nemo_dvpo.rlhf.scorers import ValueScorer
 from nemo_dvpo.rlhf.trajectory import Trajectory
 from nemo_dvpo.serving.gvm_client import GVMClientConfig, RemoteGVM, is_url
+from nemo_dvpo.training.metrics import peak_memory_mib, reset_peak_memory
 from nemo_dvpo.training.stopping import GracefulStop
 from nemo_dvpo.utils.distributed import model_parallel_group, print_rank_zero
 from nemo_dvpo.utils.errors import ConfigError
@@ -190,4 +191,7 @@ def train_gvm_first(cfg, dvpo_cfg: DVPORecipeConfig, stop: Optional[GracefulStop
     recipe.logger.close()
     del recipe
     gc.collect()
+    # Stage 1's peak is in its own metrics (run_dir/gvm); stage 2 reports its own from here.
+    print_rank_zero(f"[dvpo] stage 1 done: peak memory {peak_memory_mib():.0f} MiB")
+    reset_peak_memory()
     return str(final)

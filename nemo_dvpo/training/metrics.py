@@ -18,11 +18,26 @@ from nemo_dvpo.utils.errors import NemoDvpoError
 
 
 def peak_memory_mib() -> float:
-    """Peak GPU memory allocated by this process, or its peak resident memory on CPU."""
+    """Peak GPU memory allocated by this process, or its peak resident memory on CPU, since it started or since
+    the last :func:`reset_peak_memory`."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory() -> None:
+    """Start measuring the peak afresh, so that each stage of a run (a GVM trained first, then the policy) reports
+    its own: the caching allocator's peak on a GPU; on Linux the process's resident high-water mark, which
+    writing 5 to ``/proc/self/clear_refs`` resets (``ru_maxrss`` follows it). Elsewhere the peak stays the
+    process's."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 class MetricsLogger:
