@@ -20,7 +20,7 @@ import numpy as np
 
 from _runs import REPO_ROOT, start_gvm_server, stop_process
 
-from nemo_dvpo.serving.kserve import HEADER_LENGTH, infer_request_body, parse_infer_response  # noqa: E402
+from nemo_dvpo.serving.kserve import HEADER_LENGTH, infer_request_body, parse_infer_response
 
 
 def request(url: str, tokens: np.ndarray, lengths: np.ndarray) -> float:

@@ -20,13 +20,10 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from _runs import REPO_ROOT, median_of, read_metrics, run_entry_point
 
-sys.path.insert(0, str(REPO_ROOT))
-
-from nemo_dvpo.data.jsonl import read_jsonl  # noqa: E402
+from nemo_dvpo.data.jsonl import read_jsonl
 
 DATA = REPO_ROOT / "data" / "smollm2_ifeval"
 LABELS = ("pair", "score", "both")

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nemo_dvpo.evaluation.verifiable import confidence_interval_95  # noqa: E402
+from nemo_dvpo.evaluation.verifiable import confidence_interval_95
 
 
 def load_evaluation(spec: str) -> dict:

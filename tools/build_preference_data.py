@@ -62,11 +62,10 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from nemo_dvpo.evaluation.benchmarks.assets import find_package_dir  # noqa: E402
-from nemo_dvpo.utils.errors import ConfigError, exit_on_user_error  # noqa: E402
-from nemo_dvpo.utils.seeding import derive_seed  # noqa: E402
+from nemo_dvpo.evaluation.benchmarks.assets import find_package_dir
+from nemo_dvpo.utils.errors import ConfigError, exit_on_user_error
+from nemo_dvpo.utils.seeding import derive_seed
 
 DEFAULT_TEMPLATES = REPO_ROOT / "data" / "base_task_templates.json"
 SPLITS = ("train", "heldout")

@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nemo_dvpo.utils.errors import exit_on_user_error  # noqa: E402
+from nemo_dvpo.utils.errors import exit_on_user_error
 
 ALL_BENCHMARKS = "ifeval,mt_bench,arena_hard,alpaca_eval"
 

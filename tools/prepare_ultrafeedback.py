@@ -28,12 +28,9 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError, exit_on_user_error  # noqa: E402
+from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError, exit_on_user_error
 
 STAGES = ("sft", "value", "rl")
 SPLITS = ("test",) + STAGES

@@ -10,12 +10,9 @@ Writes OUT_DIR/gvm_values.html (hover a token for its value) and OUT_DIR/gvm_val
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nemo_dvpo.utils.errors import exit_on_user_error  # noqa: E402
+from nemo_dvpo.utils.errors import exit_on_user_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
