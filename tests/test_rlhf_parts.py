@@ -23,6 +23,27 @@ def test_metrics_reduce_the_same_names_on_every_rank_when_only_one_rank_has_veri
     assert [result["shards"] for result in ranks] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
+def test_rollout_metrics_of_a_mixed_prompt_file_at_two_data_parallel_ranks(tmp_path):
+    """Rank 0 holds the verifiable prompts (one response follows its instruction, one does not), rank 1 a plain
+    one: both ranks log the same metrics, the verifiable score over rank 0's rollouts only, every other mean
+    over all rollouts (hand-computed from the script's tensors)."""
+    ranks = run_torchrun("rollout_metrics_mixed.py", 2, tmp_path=tmp_path)["ranks"]
+    assert ranks[0] == ranks[1]
+    metrics = ranks[0]
+    # Response tokens: rank 0 has 2 + 3, rank 1 has 2; rows: 2 + 1.
+    assert metrics["rollout/verifiable_score"] == pytest.approx(0.5)
+    assert metrics["rollout/response_length"] == pytest.approx(7 / 3)
+    # k1 per token: old - ref = 0.5 on rank 0, -0.5 on rank 1.
+    assert metrics["rollout/kl_per_token"] == pytest.approx((5 * 0.5 + 2 * -0.5) / 7)
+    assert metrics["rollout/kl"] == pytest.approx((5 * 0.5 + 2 * -0.5) / 3)
+    assert metrics["rollout/gvm_value_mean"] == pytest.approx((5 * 2.0 + 2 * 4.0) / 7)
+    assert metrics["rollout/gvm_value_last_token"] == pytest.approx((2 * 2.0 + 4.0) / 3)
+    assert metrics["rollout/advantage_mean"] == pytest.approx(18 / 7)
+    variance = (5 * 4.0 + 2 * 16.0) / 7 - (18 / 7) ** 2
+    assert metrics["rollout/advantage_std"] == pytest.approx((variance * 7 / 6) ** 0.5)
+    assert metrics["rollout/kl_coef"] == pytest.approx(0.1)
+
+
 def test_trajectory_rows_select_and_cut_every_field():
     from nemo_dvpo.rlhf.trajectory import Trajectory
 
