@@ -141,8 +141,10 @@ def test_a_server_fault_in_an_endpoint_is_a_500_and_a_model_fault_too(gvm_port):
     status, body = _raw_request(gvm_port, "GET", "/v2/models/gvm")
     assert status == 500 and "the server failed on this request: KeyError" in json.loads(body)["error"]
     status, body = _raw_request(gvm_port, "POST", INFER, json.dumps(_kserve(tokens=((1, 666),))).encode())
-    assert status == 500 and "CUDA out of memory (simulated)" in json.loads(body)["error"]
-    assert _raw_request(gvm_port, "GET", "/v2/health/live")[0] == 200
+    assert status == 500
+    assert "the model failed on this batch: RuntimeError: CUDA out of memory (simulated)" in json.loads(body)["error"]
+    status, body = _raw_request(gvm_port, "POST", INFER, json.dumps(_kserve(tokens=((2, 4),))).encode())
+    assert status == 200 and json.loads(body)["outputs"][0]["data"] == [1.0, 2.0]  # it keeps serving
 
 
 def test_a_client_that_hangs_up_is_one_line_in_the_log_without_a_traceback(capfd):
