@@ -41,6 +41,7 @@ def _gradients_and_saved_bytes(model_cfg, hf_model) -> tuple[dict[str, torch.Ten
     return {name: p.grad.clone() for name, p in model.named_parameters()}, sum(saved.values())
 
 
+@pytest.mark.slow
 def test_full_recompute_gives_the_same_gradients_and_keeps_fewer_activations(megatron_single_rank):
     from nemo_dvpo.models.config import load_model_config
     from tests.distributed.common import random_hf_model
@@ -65,6 +66,7 @@ def test_a_bad_recompute_mode_is_refused_naming_the_field():
         load_model_config("tiny", activation_recompute="selective")
 
 
+@pytest.mark.slow
 def test_dvpo_runs_with_full_recompute_after_generating(tiny_policy_and_gvm, tmp_path):
     # Generation (under inference mode) comes before every training step: the tables it caches must not be
     # what the recomputed layers save for backward.
@@ -81,6 +83,7 @@ def test_dvpo_runs_with_full_recompute_after_generating(tiny_policy_and_gvm, tmp
     assert metadata["model"]["activation_recompute"] == "full"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_runs_with_the_callers_precision_and_recompute_and_keeps_its_shape(tiny_policy_and_gvm):
     from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config
     from nemo_dvpo.models.config import load_model_config
@@ -94,6 +97,7 @@ def test_a_checkpoint_runs_with_the_callers_precision_and_recompute_and_keeps_it
     assert run.num_layers == stored.num_layers and run.tokenizer == stored.tokenizer
 
 
+@pytest.mark.slow
 def test_gvm_training_runs_with_full_recompute(tmp_path):
     completed = subprocess.run(
         [sys.executable, "examples/train_gvm.py", "model=tiny", "model.activation_recompute=full",

@@ -15,6 +15,8 @@ import torch
 
 from tests.conftest import REPO_ROOT, entry_point_env as _env, kill_after_first_checkpoint, run_torchrun
 
+pytestmark = pytest.mark.slow  # every test here trains, converts or launches ranks (see pyproject.toml)
+
 FIXTURE = str(REPO_ROOT / "tests" / "fixtures" / "ultrafeedback_binarized_mini.jsonl")
 PPO_METRICS = ("rollout/kl", "rollout/score", "rollout/critic_value_mean", "rollout/advantage_std",
                "train/pg_loss", "train/grad_norm", "train/clip_fraction", "train/critic_loss",

@@ -63,6 +63,7 @@ def uninterrupted(request, tmp_path_factory) -> tuple[Path, bool]:
     return run_dir, request.param
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_bf16_gvm_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     # The reference is a run of the same settings: the two optimizers agree only to rounding (the distributed
     # one takes the gradient norm over its flat buffer).
@@ -84,6 +85,7 @@ def _has_bits_beyond_bf16(tensor: torch.Tensor) -> bool:
     return not torch.equal(tensor, tensor.to(torch.bfloat16).float())
 
 
+@pytest.mark.slow
 def test_bf16_checkpoint_holds_bf16_weights_and_fp32_master_weights(uninterrupted):
     run_dir, distributed = uninterrupted
     step = run_dir / "checkpoints" / "step_0000002"
@@ -163,6 +165,7 @@ def _dvpo_command(work_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
                     *overrides)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distributed", [False, True], ids=["optimizer", "distributed_optimizer"])
 def test_killed_and_resumed_bf16_dvpo_policy_reproduces_the_uninterrupted_run(tiny_policy_and_gvm, distributed,
                                                                                tmp_path):

@@ -17,6 +17,8 @@ from nemo_dvpo.models.config import load_model_config
 from tests.conftest import REPO_ROOT, run_torchrun
 from tests.distributed.common import random_hf_model
 
+pytestmark = pytest.mark.slow  # every test here trains, converts or launches ranks (see pyproject.toml)
+
 
 def _hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     tensors = {}

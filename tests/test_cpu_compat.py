@@ -93,6 +93,7 @@ def test_transformer_engine_placeholder_is_transient():
         lora_layers.te.Linear(4, 4)
 
 
+@pytest.mark.slow
 def test_gloo_scatter_of_non_contiguous_chunks(tmp_path):
     from tests.conftest import run_torchrun
 

@@ -36,6 +36,7 @@ def test_one_panel_per_metric_and_unknown_metrics_name_what_was_logged():
         curves_png({"a": RECORDS}, ["eval/loss"])
 
 
+@pytest.mark.slow
 def test_the_cli_writes_the_png_and_reads_a_run_cut_by_a_kill(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

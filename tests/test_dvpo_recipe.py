@@ -34,6 +34,7 @@ def tp1_result(work_dir, tmp_path_factory):
     return run_torchrun("rl_steps.py", 1, "dvpo", str(work_dir), "1", "1", tmp_path=tmp_path_factory.mktemp("tp1"))
 
 
+@pytest.mark.slow
 def test_two_steps_train_the_policy_and_leave_gvm_and_reference_bit_identical(tp1_result):
     assert tp1_result["policy_changed"]
     assert tp1_result["frozen_unchanged"]
@@ -46,6 +47,7 @@ def test_two_steps_train_the_policy_and_leave_gvm_and_reference_bit_identical(tp
     assert first["train/grad_norm"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp, pp, old_logprobs, gvm_tp", [
     (2, 1, "generation", None), (1, 2, "generation", None), (1, 1, "recompute", None),
     # the GVM on its own process groups, at a smaller and at a larger TP size than the policy
@@ -70,6 +72,7 @@ def test_two_steps_at_tp2_and_pp2_equal_tp1(work_dir, tp1_result, tp, pp, old_lo
         assert all("rollout/entropy" in step for step in result["metrics"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("global_tp, gvm_tp", [(1, 2), (2, 1)])
 def test_gvm_at_its_own_tp_size_gives_the_values_of_the_gvm_at_the_global_layout(work_dir, global_tp, gvm_tp,
                                                                                  tmp_path):
@@ -102,6 +105,7 @@ def _step_metrics(run_dir: Path) -> dict[int, dict]:
             for record in records}
 
 
+@pytest.mark.slow
 def test_main_job_trains_a_gvm_first_then_the_policy_and_exports_it(tmp_path):
     run_dir = tmp_path / "main"
     completed = subprocess.run(_command(run_dir, "train.steps=2", "gvm_training.train.steps=2",
@@ -148,6 +152,7 @@ def test_the_summary_says_what_the_evaluation_can_and_cannot_show():
     assert _gvm_accuracy({"mean": 0.5, "last": 0.5}) == "mean-token 0.500, last-token 0.500"
 
 
+@pytest.mark.slow
 def test_bad_config_fails_at_start_up_naming_the_field(tmp_path):
     completed = subprocess.run(_command(tmp_path / "bad", "ppo.advantage_mode=value", "kl.placement=reward"),
                                cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
@@ -155,6 +160,7 @@ def test_bad_config_fails_at_start_up_naming_the_field(tmp_path):
     assert "kl.placement=reward needs ppo.advantage_mode=gae" in completed.stderr + completed.stdout
 
 
+@pytest.mark.slow
 def test_gvm_tp_size_that_does_not_divide_the_world_fails_at_start_up(work_dir, tmp_path):
     completed = subprocess.run(_command(tmp_path / "bad", f"gvm={work_dir / 'gvm'}",
                                         "gvm_tensor_model_parallel_size=2"),
@@ -179,6 +185,7 @@ def uninterrupted(work_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(work_dir, uninterrupted, tmp_path):
     killed = tmp_path / "killed"
     kill_after_first_checkpoint(_command(killed, *_given_gvm(work_dir)), killed)
@@ -196,6 +203,7 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(work_dir, unint
     assert json.loads((killed / "summary.json").read_text())["verifiable_score_before"] == before
 
 
+@pytest.mark.slow
 def test_kl_budget_stops_and_keeps_the_last_policy_within_it(work_dir, uninterrupted, tmp_path):
     expected = _step_metrics(uninterrupted)
     kl = {step: expected[step]["rollout/kl"] for step in expected}
@@ -291,6 +299,7 @@ def test_kl_budget_copy_lives_on_data_parallel_rank_zero_and_is_broadcast_on_ret
         assert run.final_step == 0 and run.policy[0].broadcasts == 1
 
 
+@pytest.mark.slow
 def test_kl_budget_must_be_positive(tmp_path):
     completed = subprocess.run(_command(tmp_path / "bad", "train.kl_budget=0"),
                                cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)

@@ -390,6 +390,7 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_end_to_end_with_the_policy_server_as_judge_then_a_report(tiny_server, tmp_path):
     from nemo_dvpo.evaluation.benchmarks import assets
 
@@ -440,6 +441,7 @@ def test_end_to_end_with_the_policy_server_as_judge_then_a_report(tiny_server, t
         assert (report_dir / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_a_killed_evaluation_resumes_without_redoing_work(tmp_path):
     out = tmp_path / "eval"
     answers = out / "ifeval" / "answers.jsonl"
@@ -505,6 +507,7 @@ def test_judgments_already_written_are_not_asked_again(tmp_path):
 # --- the policy server ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_openai_client_works_against_the_policy_server(tiny_server):
     import openai
 
@@ -531,6 +534,7 @@ def test_the_openai_client_works_against_the_policy_server(tiny_server):
         client.completions.create(model="tiny", prompt="word " * 9000, max_tokens=4)
 
 
+@pytest.mark.slow
 def test_served_greedy_answer_equals_transformers_greedy_generation(smollm2_hf_folder):
     import openai
     import torch
@@ -567,6 +571,7 @@ def test_served_greedy_answer_equals_transformers_greedy_generation(smollm2_hf_f
         assert replies[prompt].usage.completion_tokens == len(new_tokens)
 
 
+@pytest.mark.slow
 def test_answers_from_an_openai_compatible_server(tiny_server, tmp_path):
     out = tmp_path / "served"
     completed = _run_tool("--answers-from", tiny_server.url, "--benchmarks", "ifeval", "--limit", "2",

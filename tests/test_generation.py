@@ -230,6 +230,7 @@ def test_never_samples_padded_vocabulary_ids(megatron_single_rank):
 # --- SmolLM2 against Hugging Face --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_greedy_equals_hf_generate_at_tp1(megatron_single_rank, smollm2_chat_prompts, hf_greedy_responses):
     tokenizer, prompts = smollm2_chat_prompts
     assert len({len(prompt) for prompt in prompts}) == len(prompts)
@@ -242,6 +243,7 @@ def test_greedy_equals_hf_generate_at_tp1(megatron_single_rank, smollm2_chat_pro
     assert any(len(response) == MAX_NEW_TOKENS for response in hf_greedy_responses)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc, layout", [(3, ("--tp", "3")), (2, ("--pp", "2"))], ids=["tp3", "pp2"])
 def test_greedy_equals_hf_generate_across_ranks(nproc, layout, tmp_path, hf_greedy_responses):
     result = run_torchrun("generation_vs_hf.py", nproc, *layout, "--max-new-tokens", str(MAX_NEW_TOKENS),
@@ -254,6 +256,7 @@ def test_greedy_equals_hf_generate_across_ranks(nproc, layout, tmp_path, hf_gree
 # --- the command-line example ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_generate_example_from_a_checkpoint_and_a_jsonl_file(tiny, tmp_path):
     model, tokenizer = tiny
     model_cfg = load_model_config("tiny")

@@ -25,6 +25,9 @@ import torch
 
 from tests.conftest import REPO_ROOT, ServerProcess, entry_point_env, free_port
 
+# A real server process each (the in-process cases of the same code: tests/test_server_faults.py, quick tier).
+pytestmark = pytest.mark.slow
+
 
 class Server(ServerProcess):
     """``examples/serve_gvm.py`` in a subprocess; ``url`` once it is ready."""

@@ -94,6 +94,7 @@ def _hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
         return AutoModelForCausalLM.from_pretrained(folder).eval()(tokens).logits.float()
 
 
+@pytest.mark.slow
 def test_merged_hf_export_computes_the_adapted_models_logits(tmp_path, megatron_single_rank):
     from nemo_dvpo.checkpointing.conversion import export_model_to_hf
     from nemo_dvpo.models.forward import full_logits
@@ -119,6 +120,7 @@ def test_merged_hf_export_computes_the_adapted_models_logits(tmp_path, megatron_
     torch.testing.assert_close(exported, adapted, rtol=0, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_merged_export_at_tp2_computes_the_adapted_models_logits(tmp_path):
     result = run_torchrun("lora_tp.py", 2, str(tmp_path / "hf"), tmp_path=tmp_path)
     assert result["adapters_off_equal_base"] and result["adapted_minus_base"] > 1e-2
@@ -241,6 +243,7 @@ def _dpo_command(init: Path, run_dir: Path, *overrides: str) -> list[str]:
             "lora.enabled=true", "lora.dim=4", *overrides]
 
 
+@pytest.mark.slow
 def test_killed_lora_dpo_run_resumes_exactly_and_its_final_policy_differs_only_in_the_adapted_layers(
         tiny_policy_and_gvm, tmp_path):
     from nemo_dvpo.checkpointing.model_checkpoint import load_model_checkpoint

@@ -9,6 +9,8 @@ from nemo_dvpo.models.config import load_model_config
 from tests.conftest import run_torchrun
 from tests.tolerances import llama_terms, reduction_atol
 
+pytestmark = pytest.mark.slow  # every test here trains, converts or launches ranks (see pyproject.toml)
+
 
 @pytest.mark.parametrize("tp", [1, 3])
 def test_smollm2_logits_match_hf(tp, tmp_path, smollm2_hf_folder):

@@ -96,6 +96,7 @@ def _partial_save_after(run_dir: Path, step: int):
                        for p in (run_dir / "checkpoints").glob(".step_*.partial"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, moment", [(signal.SIGINT, "step"), (signal.SIGTERM, "save"),
                                             (signal.SIGUSR1, "step")])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_run_resumes_exactly(signum, moment, uninterrupted,
@@ -125,6 +126,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_run_resumes_exa
     assert _losses(run_dir) == _losses(uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once():
     """The first signal only asks for a stop; the second ends the process with 128 + the signal number.
     (In a process of its own: in a training run the first stop can finish before a second signal lands.)"""
@@ -144,6 +146,7 @@ def test_a_second_signal_exits_at_once():
     assert "SIGINT received" in completed.stderr and "SIGTERM again: exiting now" in completed.stderr
 
 
+@pytest.mark.slow
 def test_one_ranks_signal_stops_every_rank_after_the_same_step(tmp_path):
     """Two data-parallel ranks under the launcher; only rank 1 gets SIGTERM. Both stop, save, exit 75."""
     run_dir, marker = tmp_path / "run", uuid.uuid4().hex
@@ -176,6 +179,7 @@ def _environ_has(proc: Path, entry: str) -> bool:
 
 # -- no orphans -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_leaves_no_process_behind(tmp_path):
     run_dir, marker = tmp_path / "run", uuid.uuid4().hex
     process = _start(_gvm_command(run_dir), marker=marker)
@@ -186,6 +190,7 @@ def test_sigkill_during_a_save_leaves_no_process_behind(tmp_path):
     assert _marked_processes(marker) == []
 
 
+@pytest.mark.slow
 def test_killing_the_launcher_outright_leaves_no_rank_behind(tmp_path):
     """SIGKILL of torchrun itself: its ranks get SIGTERM from the kernel (parent-death signal) and exit."""
     run_dir, marker = tmp_path / "run", uuid.uuid4().hex
@@ -236,6 +241,7 @@ def test_converters_never_replace_a_folder_they_did_not_write(tiny_hf, tmp_path,
     assert (tmp_path / "fresh" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_converter_cli_refuses_a_non_empty_folder_in_one_line(tiny_hf, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
@@ -265,6 +271,7 @@ def test_atomic_save_refuses_to_replace_a_foreign_folder_and_cleans_up_a_failed_
     assert list(tmp_path.iterdir()) == [foreign], "the partial save was left behind"
 
 
+@pytest.mark.slow
 def test_a_fresh_run_into_a_run_dir_that_holds_a_run_is_refused_and_overwrite_removes_only_the_run(uninterrupted,
                                                                                                    tmp_path):
     run_dir = tmp_path / "run"
@@ -304,6 +311,7 @@ def test_bad_bytes_are_named_by_file_line_and_byte_offset(tmp_path):
         load_prompts(tmp_path, tokenizer=None, max_prompt_tokens=10)
 
 
+@pytest.mark.slow
 def test_bad_bytes_in_training_data_fail_the_entry_point_in_one_line(tmp_path):
     data = tmp_path / "bad.jsonl"
     content = b'{"prompt": "Hi", "chosen": "\xc3\x28", "rejected": "b"}\n'
@@ -335,6 +343,7 @@ def _damage(checkpoint: Path, how: str) -> str:
     raise AssertionError(how)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["missing weight shard", "truncated optimizer shard", "missing metadata",
                                  "truncated trainer state"])
 def test_a_damaged_checkpoint_is_named_with_the_earlier_ones_to_resume_from(how, uninterrupted, tmp_path):
@@ -355,6 +364,7 @@ def test_a_damaged_checkpoint_is_named_with_the_earlier_ones_to_resume_from(how,
     assert checkpoint_to_resume(run_dir, resume=False, resume_from=str(run_dir / "checkpoints" / earlier[-1]))
 
 
+@pytest.mark.slow
 def test_resuming_a_damaged_checkpoint_fails_in_one_line_and_an_earlier_one_resumes(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
@@ -369,6 +379,7 @@ def test_resuming_a_damaged_checkpoint_fails_in_one_line_and_an_earlier_one_resu
     assert _losses(run_dir) == _losses(uninterrupted)
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_shape_names_the_field(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
@@ -376,6 +387,7 @@ def test_resuming_with_another_model_shape_names_the_field(uninterrupted, tmp_pa
     assert "model.ffn_hidden_size is 176 in the checkpoint but 128 in this config" in message
 
 
+@pytest.mark.slow
 def test_truncated_and_foreign_gguf_files_are_named(tmp_path):
     from nemo_dvpo.models.sources import hf_folder_for, resolve_source
     from nemo_dvpo.utils.errors import NemoDvpoError
@@ -393,6 +405,7 @@ def test_truncated_and_foreign_gguf_files_are_named(tmp_path):
     assert f"{garbage} is not a GGUF file" in message
 
 
+@pytest.mark.slow
 def test_output_paths_below_a_file_fail_before_any_work(uninterrupted, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -417,6 +430,7 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_refused_with_the_space_needed_and_leaves_no_partial_folder(tmp_path):
     disk = tmp_path / "small_disk"
     if not _mount_tmpfs(disk, "20m"):
@@ -430,6 +444,7 @@ def test_a_full_disk_is_refused_with_the_space_needed_and_leaves_no_partial_fold
         subprocess.run(["umount", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_a_failed_rank_gives_one_clean_message_under_the_launcher(tmp_path):
     completed = _run(_gvm_command(tmp_path / "run", "data.train=/nonexistent/data.jsonl",
                                   script=(sys.executable, "-m", "nemo_dvpo.launch", "--standalone",
@@ -472,6 +487,7 @@ def test_metrics_logger_drops_a_torn_last_line_on_resume_and_names_any_other_bad
         MetricsLogger(tmp_path, resume_step=3)
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_writing_its_metrics_resumes_exactly(uninterrupted, tmp_path):
     """The run's state as a kill during step 37's metrics append leaves it (checkpoint of step 36, the record
     of step 37 half written): ``resume_from`` that checkpoint drops the torn line and ends as the uninterrupted

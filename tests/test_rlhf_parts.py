@@ -15,6 +15,7 @@ from tests.conftest import REPO_ROOT, run_torchrun
 from tests.tolerances import llama_terms, reduction_atol
 
 
+@pytest.mark.slow
 def test_metrics_reduce_the_same_names_on_every_rank_when_only_one_rank_has_verifiable_prompts(tmp_path):
     ranks = run_torchrun("data_parallel_metrics.py", 2, tmp_path=tmp_path)["ranks"]
     for result in ranks:
@@ -23,6 +24,7 @@ def test_metrics_reduce_the_same_names_on_every_rank_when_only_one_rank_has_veri
     assert [result["shards"] for result in ranks] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
+@pytest.mark.slow
 def test_rollout_metrics_of_a_mixed_prompt_file_at_two_data_parallel_ranks(tmp_path):
     """Rank 0 holds the verifiable prompts (one response follows its instruction, one does not), rank 1 a plain
     one: both ranks log the same metrics, the verifiable score over rank 0's rollouts only, every other mean

@@ -22,6 +22,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT, entry_point_env
 
+pytestmark = pytest.mark.slow  # every test here trains, converts or launches ranks (see pyproject.toml)
+
 FIXTURE = "tests/fixtures/ultrafeedback_binarized_mini.jsonl"
 BINARIES = ("slurmctld", "slurmd", "munged", "munge", "sbatch", "srun", "scontrol", "sinfo")
 

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT, entry_point_env as _env, kill_after_first_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here trains, converts or launches ranks (see pyproject.toml)
+
 FIXTURE = "tests/fixtures/ultrafeedback_binarized_mini.jsonl"
 
 

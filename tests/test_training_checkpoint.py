@@ -6,6 +6,8 @@ import pytest
 
 from tests.conftest import run_torchrun
 
+pytestmark = pytest.mark.slow  # every test here trains, converts or launches ranks (see pyproject.toml)
+
 
 @pytest.mark.parametrize("nproc,extra", [(1, ()), (2, ("--distributed-optimizer",))],
                          ids=["dp1-adam", "dp2-distributed-optimizer"])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nemo_dvpo.models.config import load_model_config
 from tests.conftest import run_torchrun
 from tests.tolerances import llama_terms, reduction_atol
+
+pytestmark = pytest.mark.slow  # torchrun at TP=1 and TP=2 on SmolLM2 (see pyproject.toml)
 
 
 def test_value_head_at_tp2_equals_tp1_and_the_hf_reference(tmp_path, smollm2_hf_folder):
