@@ -70,7 +70,7 @@ class PolicyServerConfig:
     max_batch_rows: int = 32
     # Replies are generated this many tokens at a time, the queue served in between, so that a long reply
     # holds a short request for one slice only (0: each batch runs to its longest reply, as before).
-    slice_tokens: int = 128
+    slice_tokens: int = 256
     # Reply length when a request gives no max_tokens (clamped to the room its prompt leaves).
     default_max_tokens: int = 512
     # Largest request body, and the most samples one request may ask for.
