@@ -506,12 +506,14 @@ def test_a_run_killed_while_writing_its_metrics_resumes_exactly(uninterrupted, t
 
 def test_each_stage_reports_its_own_peak_memory():
     """A run that trains a GVM first resets the peak before stage 2 (nemo_dvpo.recipes.dvpo.train_gvm_first),
-    so stage 2's summary is not stage 1's peak."""
+    so stage 2's summary is not stage 1's peak. (The peak is reset first: earlier tests in this process may
+    have set a higher one.)"""
     import numpy as np
 
     from nemo_dvpo.training.metrics import peak_memory_mib, reset_peak_memory
 
-    before = peak_memory_mib()
+    reset_peak_memory()
+    before = peak_memory_mib()  # about what the process holds now
     stage_one = np.ones(2**28 // 8)  # 256 MiB, touched
     assert peak_memory_mib() >= before + 200
     del stage_one
