@@ -170,8 +170,9 @@ def test_a_client_that_hangs_up_is_one_line_in_the_log_without_a_traceback(capfd
         time.sleep(0.5)
     err = capfd.readouterr().err
     assert "Traceback" not in err, err
+    # At most one line per client (where the reset lands before the server reads or writes, there is none).
     gone = [line for line in err.splitlines() if "went away" in line]
-    assert 1 <= len(gone) <= 3 and all(("BrokenPipeError" in line or "ConnectionResetError" in line) for line in gone)
+    assert len(gone) <= 3 and all(("BrokenPipeError" in line or "ConnectionResetError" in line) for line in gone)
 
 
 # -- the policy server ---------------------------------------------------------------------------------------
@@ -353,16 +354,16 @@ def test_the_actor_says_what_it_waits_for_and_gives_up_in_one_line_naming_the_ur
     from tests.conftest import free_port
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    client = GVMClient([url], GVMClientConfig(ready_timeout_s=2.5, ready_notice_s=1.0))
+    client = GVMClient([url], GVMClientConfig(ready_timeout_s=3.5, ready_notice_s=1.0))
     started = time.monotonic()
     with pytest.raises(ScorerUnavailable) as raised:
         client.wait_until_ready()
-    assert 2.5 <= time.monotonic() - started < 10
+    assert 3.5 <= time.monotonic() - started < 15
     message = str(raised.value)
-    assert "\n" not in message and f"no GVM server became ready at {url} within gvm_client.ready_timeout_s=2.5 s" \
+    assert "\n" not in message and f"no GVM server became ready at {url} within gvm_client.ready_timeout_s=3.5 s" \
         in message and "ConnectionRefusedError" in message
     notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[gvm_client] waiting")]
-    assert 2 <= len(notices) <= 4, notices  # at start, then every ready_notice_s
+    assert 2 <= len(notices) <= 5, notices  # at start, then every ready_notice_s
     assert all(url in line and "s left (gvm_client.ready_timeout_s)" in line and "ConnectionRefusedError" in line
                for line in notices)
 
