@@ -1,5 +1,5 @@
-"""Every entry point's ``conf/<name>.yaml`` composes with Hydra as the entry point composes it, and its typed
-config validates, for every model preset in ``conf/model/`` where the entry point takes one.
+"""Every entry point's ``nemo_dvpo/conf/<name>.yaml`` composes with Hydra as the entry point composes it, and its typed
+config validates, for every model preset in ``nemo_dvpo/conf/model/`` where the entry point takes one.
 
 A YAML key the dataclasses do not have, a value of the wrong type, or a preset that no longer loads fails
 here, not in the first minute of a user's run.
@@ -11,9 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO_ROOT
-
-CONF_DIR = REPO_ROOT / "conf"
+from nemo_dvpo.utils.paths import CONF_DIR
 PRESETS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
 
 

@@ -186,6 +186,12 @@ def test_scored_schema_and_schema_detection(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 GOOD = pair("What is 1 + 1?", "2", "3")
+
+
+def good(number: int) -> dict:
+    """A valid pair of its own prompt (records of one prompt may not share a response: the pairing rule)."""
+    return pair(f"Question {number}: what is 1 + 1?", "2", "3")
+
 BAD_RECORDS = {
     "not_messages": (dict(GOOD, chosen=3), "field 'chosen': expected a string or a list of {role, content} messages, "
                                            "got 3"),
@@ -211,7 +217,7 @@ BAD_RECORDS = {
 def test_bad_record_errors_name_file_line_row_and_field(tmp_path, name):
     bad, message = BAD_RECORDS[name]
     # Rows 0-2 are good, a blank line follows row 1, so the bad record (row 3) is on line 5.
-    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, GOOD, GOOD, bad, GOOD], blank_line_after=1)
+    path = write_jsonl(tmp_path / "train.jsonl", [good(0), good(1), good(2), bad, good(4)], blank_line_after=1)
     with pytest.raises(NemoDvpoError) as error:
         read_preference_records(str(path), PreferenceDataConfig())
     assert str(error.value).startswith(f"{path}:line 5 (row 3): {message}"), str(error.value)
@@ -230,7 +236,7 @@ def test_bad_scores_and_parquet_rows_are_named(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "pairs.parquet"
-    pq.write_table(pa.Table.from_pylist([GOOD, GOOD, dict(GOOD, chosen="")]), path)
+    pq.write_table(pa.Table.from_pylist([good(0), good(1), dict(GOOD, chosen="")]), path)
     with pytest.raises(NemoDvpoError, match=re.escape(f"{path} (row 2): field 'chosen': the response is empty")):
         read_preference_records(str(path), PreferenceDataConfig())
 

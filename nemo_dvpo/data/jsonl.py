@@ -1,17 +1,20 @@
 """JSON Lines, read one way everywhere: every fault names the file, the line and, for bad bytes, the byte offset.
 
 Lines are decoded one at a time from bytes, so a file with a stray non-UTF-8 byte on line 812 says
-exactly that instead of raising ``UnicodeDecodeError`` from deep inside a reader.
+exactly that instead of raising ``UnicodeDecodeError`` from deep inside a reader. Written whole and
+atomically (:func:`write_jsonl`), or appended durably (:func:`append_jsonl`) by a builder that resumes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 from nemo_dvpo.utils.errors import NemoDvpoError
+from nemo_dvpo.utils.paths import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,23 @@ def read_jsonl(path: str | Path, what: str = "JSONL file", tolerate_cut_last_lin
             raise NemoDvpoError(f"{Path(path)}:{line.number}: {line.error}")
         values.append(line.value)
     return values
+
+
+def _lines(records: Iterable[Mapping]) -> str:
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def write_jsonl(path: str | Path, records: Iterable[Mapping]) -> None:
+    """One JSON object per line (UTF-8, not escaped), written atomically: a reader sees the old file or the new."""
+    atomic_write_text(path, _lines(records))
+
+
+def append_jsonl(path: str | Path, records: Sequence[Mapping]) -> None:
+    """Append in one write, flushed to disk, so a crash loses at most these records (a cut last line is what
+    ``read_jsonl(..., tolerate_cut_last_line=True)`` then ignores)."""
+    if not records:
+        return
+    with Path(path).open("a", encoding="utf-8") as handle:
+        handle.write(_lines(records))
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -18,11 +18,15 @@ Schemas (extra columns are ignored):
   earlier messages are the prompt (the ``HuggingFaceH4/ultrafeedback_binarized`` layout, where
   ``prompt`` is a string that repeats the user turn). A pair gives two sequences sharing a
   ``pair_id``: chosen with label +1.0, rejected with label -1.0 (the paper's labels; no pairwise loss).
+  Every pair must keep the one pairing rule of :mod:`nemo_dvpo.data.pairing` - two different responses,
+  the chosen one scored higher where ``chosen_score``/``rejected_score`` are given, no response in two
+  pairs of one prompt - the rule the shipped pairs were built by; the first pair that breaks it stops
+  the load with its file and line.
 * **scored** - ``prompt``, ``response``, ``score``: one sequence labelled with the score (the paper's
   instruction setting, where a reward model scored each response).
 
-Invalid records (wrong types, empty or identical responses, a non-finite score, a ``prompt`` that
-contradicts its conversation, ...) stop the load with a message naming file, line, row and field,
+Invalid records (wrong types, empty responses, a pair that breaks the pairing rule, a non-finite score, a
+``prompt`` that contradicts its conversation, ...) stop the load with a message naming file, line, row and field,
 or with ``skip_invalid`` are skipped and counted per reason.
 
 Tokens: the GVM must value exactly the tokens the policy produces, so a sequence is laid out like a
@@ -65,6 +69,7 @@ from typing import Any, Iterable, Iterator, Literal, Optional, Sequence, get_arg
 import numpy as np
 import torch
 
+from nemo_dvpo.data.pairing import PairingViolation, PairLedger, check_pair
 from nemo_dvpo.data.readers import DataFormat, SourceRecord, iter_source_records
 from nemo_dvpo.data.splits import assign_by_key, epoch_order, split_counts
 from nemo_dvpo.inference.chat import apply_chat_template, encode_prompt
@@ -294,9 +299,10 @@ def parse_preference_record(fields: dict, schema: str, index: int, where: str) -
         chosen_prefix, chosen = _split_response(_required(fields, "chosen"), "chosen")
         rejected_prefix, rejected = _split_response(_required(fields, "rejected"), "rejected")
         prompt = _resolve_prompt(fields, [("chosen", chosen_prefix), ("rejected", rejected_prefix)])
-        if chosen.strip() == rejected.strip():
-            raise InvalidRecord("identical_responses", "rejected",
-                                "equals 'chosen': a pair needs two different responses")
+        try:
+            check_pair(chosen, rejected, fields)
+        except PairingViolation as violation:
+            raise InvalidRecord(violation.reason, violation.field_name, violation.detail) from None
         return PreferenceRecord(prompt, (chosen, rejected), (CHOSEN_LABEL, REJECTED_LABEL), index, where)
     if schema == "scored":
         prefix, response = _split_response(_required(fields, "response"), "response")
@@ -318,9 +324,12 @@ def iter_preference_records(source: Iterable[SourceRecord], schema: Schema, skip
                             stats: PreferenceDataStats) -> Iterator[tuple[SourceRecord, PreferenceRecord]]:
     """Validate source records; yield each valid one with its source. Counts go into ``stats``.
 
-    With ``schema="auto"`` the first record that is a mapping decides the schema for all records.
+    With ``schema="auto"`` the first record that is a mapping decides the schema for all records. Pairs are
+    checked against the pairing rule (:mod:`nemo_dvpo.data.pairing`) one by one and across the source: a pair
+    that reuses a response of an earlier pair of its prompt is the violation, named with both places.
     """
     resolved = None if schema == "auto" else schema
+    ledger = PairLedger()
     for index, record in enumerate(source):
         stats.records_read += 1
         try:
@@ -331,6 +340,11 @@ def iter_preference_records(source: Iterable[SourceRecord], schema: Schema, skip
                                     f"{_short(record.fields)}")
             resolved = resolved or detect_schema(record.fields, record.where)
             parsed = parse_preference_record(record.fields, resolved, index, record.where)
+            if parsed.is_pair:
+                try:
+                    ledger.add(parsed.prompt_key, *parsed.responses, where=record.where)
+                except PairingViolation as violation:
+                    raise InvalidRecord(violation.reason, violation.field_name, violation.detail) from None
         except InvalidRecord as error:
             _reject(error, record.where, skip_invalid, stats)
             continue

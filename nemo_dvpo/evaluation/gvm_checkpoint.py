@@ -25,7 +25,7 @@ class LoadedGVM:
 def load_gvm(path: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,
              precision: Optional[str] = None) -> LoadedGVM:
     """Collective: initialise distributed state for the layout and load the GVM at ``path``."""
-    from nemo_dvpo.models.sources import load_tokenizer
+    from nemo_dvpo.models.sources import load_tokenizer, special_token_ids
     from nemo_dvpo.checkpointing.model_checkpoint import load_value_model
     from nemo_dvpo.models.value_model import VALUE_MODEL_KINDS
     from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed
@@ -45,7 +45,6 @@ def load_gvm(path: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,
     if model_cfg.tokenizer is None:
         raise CheckpointError(f"GVM checkpoint {path} holds no tokenizer")
     tokenizer = load_tokenizer(model_cfg.tokenizer)
-    eos = model_cfg.eos_token_id if model_cfg.eos_token_id is not None else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    eos, pad = special_token_ids(tokenizer, model_cfg)
     return LoadedGVM(model=model, tokenizer=tokenizer, eos_token_id=eos, pad_token_id=pad,
                      chat_template=bool((metadata.get("gvm") or {}).get("chat_template", True)), metadata=metadata)

@@ -1,8 +1,10 @@
 """A policy loaded for inference from whatever names it: a nemo_dvpo checkpoint, a Hugging Face model
 (folder, ``.gguf`` file, ``package://`` source) or a preset name - at the current TP/PP layout.
 
-Used by the policy server (examples/serve_policy.py) and the benchmark evaluation
-(tools/eval_benchmarks.py): both answer chat prompts with :func:`nemo_dvpo.inference.generation.generate`.
+The one policy loader for generation: the policy server (examples/serve_policy.py), the benchmark evaluation
+(tools/eval_benchmarks.py) and the preference-data builder (tools/build_preference_data.py) all load here and
+answer prompts with :func:`nemo_dvpo.inference.generation.generate`. The ids that end a reply follow the one
+EOS rule, :func:`nemo_dvpo.models.sources.special_token_ids` (see :func:`stop_token_ids`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class Policy:
     model_cfg: Any  # its nemo_dvpo ModelConfig
     tokenizer: Any  # the Hugging Face tokenizer, with its chat template
     name: str  # what it is called in answers and by the OpenAI API
-    eos_token_ids: list[int]  # the ids that end a reply: the tokenizer's and the model's own
+    eos_token_ids: list[int]  # the ids that end a reply (stop_token_ids)
     max_length: int  # prompt plus reply, in tokens (the length the model was built for)
 
 
@@ -28,12 +30,18 @@ def is_model_checkpoint(spec: str) -> bool:
     return (Path(spec).expanduser() / "nemo_dvpo_checkpoint.json").is_file()
 
 
-def policy_model_config(spec: str):
-    """The ModelConfig ``spec`` names (read before distributed start-up: the layout check needs the shape)."""
+def policy_model_config(spec):
+    """The ModelConfig ``spec`` names (read before distributed start-up: the layout check needs the shape).
+
+    ``spec`` is a checkpoint folder, a Hugging Face folder / .gguf / ``package://`` source, a preset name, or a
+    ModelConfig already composed (a Hydra ``model`` node with command-line overrides), taken as it is.
+    """
     from nemo_dvpo.checkpointing.model_checkpoint import read_checkpoint_model_config
     from nemo_dvpo.models.config import ModelConfig, available_presets, load_model_config
     from nemo_dvpo.models.sources import load_hf_config
 
+    if isinstance(spec, ModelConfig):
+        return spec
     if not spec:
         raise ConfigError("no model given: a nemo_dvpo checkpoint folder, a Hugging Face folder or a preset name")
     if is_model_checkpoint(spec):
@@ -43,9 +51,29 @@ def policy_model_config(spec: str):
     return ModelConfig.from_hf_config(load_hf_config(spec), name=Path(spec).stem or spec, source=spec)
 
 
-def load_policy(spec: str, parallel, max_length: Optional[int] = None, precision: Optional[str] = None,
+def policy_tokenizer(model_cfg):
+    """The tokenizer of a policy's ModelConfig (``policy_model_config``): cheap, no weights are read."""
+    from nemo_dvpo.models.sources import load_tokenizer
+
+    if model_cfg.tokenizer_source is None:
+        raise ConfigError(f"model {model_cfg.name!r} names no tokenizer (set the preset's tokenizer)")
+    return load_tokenizer(model_cfg.tokenizer_source)
+
+
+def stop_token_ids(tokenizer, model_cfg) -> list[int]:
+    """The ids that end a reply: the EOS of the one rule (``special_token_ids``: the preset's, else the
+    tokenizer's) and, where it differs, the tokenizer's own EOS - a chat model ends its turns with the preset's
+    token but can still emit its tokenizer's, and decoding on past it would only produce text after the end."""
+    from nemo_dvpo.models.sources import special_token_ids
+
+    eos, _ = special_token_ids(tokenizer, model_cfg)
+    return sorted({eos} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
+def load_policy(spec, parallel, max_length: Optional[int] = None, precision: Optional[str] = None,
                 name: Optional[str] = None) -> Policy:
-    """Collective: start the distributed state for ``parallel`` and load the model ``spec`` names.
+    """Collective: start the distributed state for ``parallel`` and load the model ``spec`` names (any
+    :func:`policy_model_config` spec).
 
     ``max_length`` (prompt plus reply) defaults to what the model builder uses (the model's context,
     capped at 4096 tokens).
@@ -54,7 +82,6 @@ def load_policy(spec: str, parallel, max_length: Optional[int] = None, precision
 
     from nemo_dvpo.checkpointing.model_checkpoint import load_model_checkpoint
     from nemo_dvpo.models.builder import build_gpt_model
-    from nemo_dvpo.models.sources import load_tokenizer
     from nemo_dvpo.utils.distributed import initialize_distributed
 
     model_cfg = policy_model_config(spec)
@@ -64,24 +91,22 @@ def load_policy(spec: str, parallel, max_length: Optional[int] = None, precision
                            num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
     build_kwargs = {"seq_length": max_length} if max_length else {}
     tokenizer = None
-    if is_model_checkpoint(spec):
+    if isinstance(spec, str) and is_model_checkpoint(spec):
         model, model_cfg, tokenizer = load_model_checkpoint(spec, precision=precision, **build_kwargs)
     else:
         model = build_gpt_model(model_cfg, **build_kwargs)
     if tokenizer is None:
-        if model_cfg.tokenizer_source is None:
-            raise ConfigError(f"{spec} names no tokenizer (set the preset's tokenizer)")
-        tokenizer = load_tokenizer(model_cfg.tokenizer_source)
+        tokenizer = policy_tokenizer(model_cfg)
     from megatron.core.utils import unwrap_model
 
     module = model[0] if isinstance(model, (list, tuple)) else model
     built_length = unwrap_model(module).max_sequence_length
-    eos_token_ids = sorted({token_id for token_id in (tokenizer.eos_token_id, model_cfg.eos_token_id)
-                            if token_id is not None})
     return Policy(model=model, model_cfg=model_cfg, tokenizer=tokenizer, name=name or _default_name(spec),
-                  eos_token_ids=eos_token_ids, max_length=built_length)
+                  eos_token_ids=stop_token_ids(tokenizer, model_cfg), max_length=built_length)
 
 
-def _default_name(spec: str) -> str:
+def _default_name(spec) -> str:
+    if not isinstance(spec, str):
+        return spec.name
     path = Path(spec).expanduser()
     return path.resolve().name if path.exists() else spec

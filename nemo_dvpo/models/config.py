@@ -1,6 +1,6 @@
 """Model presets: the shape of a Llama/Mistral-family GPT and where its weights come from.
 
-A preset (``conf/model/<name>.yaml``) names a ``source`` for the weights - a Hugging Face folder, a
+A preset (``nemo_dvpo/conf/model/<name>.yaml``) names a ``source`` for the weights - a Hugging Face folder, a
 hub id, a ``.gguf`` file, or ``package://<python package>/<file>.gguf`` for a model that ships
 inside an installed package - and the architecture's shape. Any preset can also be built with
 random weights (``source: null`` or ``random_init: true``) for shape checks and benchmarks.
@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional
 
 from nemo_dvpo.utils.config import from_dict
 from nemo_dvpo.utils.errors import ConfigError
+from nemo_dvpo.utils.paths import CONF_DIR
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PRESET_DIR = CONF_DIR / "model"
 
 Architecture = Literal["llama", "mistral"]

@@ -220,3 +220,15 @@ def load_tokenizer(source: str):
             raise _hub_error(resolved, error) from error
         raise NemoDvpoError(f"could not load a tokenizer from {source}: {error}") from error
     return tokenizer
+
+
+def special_token_ids(tokenizer, model_cfg) -> tuple[int, int]:
+    """``(eos, pad)``: the one rule every recipe, scorer and tool uses. The model preset's ``eos_token_id`` wins
+    over the tokenizer's (a chat model ends its turns with a token its tokenizer may not call EOS); padding is
+    the tokenizer's pad token, or EOS when it has none (pad positions are always masked, so any id serves)."""
+    eos = model_cfg.eos_token_id if model_cfg.eos_token_id is not None else tokenizer.eos_token_id
+    if eos is None:
+        raise NemoDvpoError(f"neither the model preset nor the tokenizer of {model_cfg.tokenizer_source} names an "
+                            "end-of-sequence token: set model.eos_token_id")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return eos, pad

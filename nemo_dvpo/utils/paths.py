@@ -76,7 +76,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        staging.write_text(text)
+        staging.write_text(text, encoding="utf-8")
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
+
+
+# The entry points' Hydra configs and the model presets ship inside the package (package data), so an installed
+# wheel finds them where a checkout does: every reader takes this constant instead of a path of its own.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def installed_package_dir(name: str) -> Optional[Path]:
+    """The folder of the installed top-level package ``name``, found without importing it; None when it is not
+    installed (data-only packages, e.g. evaluation sets, are read as files and never imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
