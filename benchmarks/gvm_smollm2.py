@@ -94,8 +94,8 @@ def main() -> None:
     metrics = read_metrics(run_dir)
     epochs = args.steps * args.global_batch_size / sequences
     print(f"\nwall {wall:.0f} s ({epochs:.2f} epochs); median training tokens/s "
-          f"{median_of(metrics, 'train/tokens_per_s'):.0f}; peak memory "
-          f"{max(r['train/peak_memory_mib'] for r in metrics):.0f} MiB")
+          f"{median_of(metrics, 'perf/tokens_per_s'):.0f}; peak memory "
+          f"{max(r['perf/peak_memory_mib'] for r in metrics):.0f} MiB")
     curve = [(r["step"], round(r["eval/accuracy_mean"], 3)) for r in metrics if "eval/accuracy_mean" in r]
     print(f"mean-token accuracy on the first {args.eval_pairs} held-out pairs during training: {curve}\n", flush=True)
 

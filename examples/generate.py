@@ -14,22 +14,15 @@ import hydra
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_dvpo.checkpointing.model_checkpoint import load_model_checkpoint, read_checkpoint_model_config
 from nemo_dvpo.data.prompts import read_prompts
 from nemo_dvpo.inference.chat import apply_chat_template, encode_prompt
 from nemo_dvpo.inference.generation import SamplingConfig, generate
-from nemo_dvpo.models.builder import build_gpt_model
+from nemo_dvpo.inference.policy import load_policy
 from nemo_dvpo.models.config import load_model_config
-from nemo_dvpo.models.sources import load_tokenizer
 from nemo_dvpo.utils.config import from_dict
-from nemo_dvpo.utils.distributed import (
-    ParallelConfig,
-    destroy_distributed,
-    initialize_distributed,
-    is_rank_zero,
-    print_rank_zero,
-)
+from nemo_dvpo.utils.distributed import ParallelConfig, destroy_distributed, is_rank_zero, print_rank_zero
 from nemo_dvpo.utils.errors import ConfigError, exit_on_user_error
+from nemo_dvpo.utils.paths import CONF_DIR
 
 
 def load_prompts(cfg: DictConfig) -> list:
@@ -41,24 +34,6 @@ def load_prompts(cfg: DictConfig) -> list:
     if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
         raise ConfigError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     return prompts
-
-
-def load_model(cfg: DictConfig, parallel: ParallelConfig):
-    """(model, model_cfg, tokenizer) from the checkpoint if one is given, else from the preset."""
-    # The shape comes first: initialize_distributed refuses layouts the model cannot be split into.
-    model_cfg = read_checkpoint_model_config(cfg.checkpoint) if cfg.checkpoint else load_model_config(cfg.model)
-    initialize_distributed(parallel, num_attention_heads=model_cfg.num_attention_heads,
-                           num_query_groups=model_cfg.num_query_groups, num_layers=model_cfg.num_layers)
-    if cfg.checkpoint:
-        model, model_cfg, tokenizer = load_model_checkpoint(cfg.checkpoint)
-    else:
-        model, tokenizer = build_gpt_model(model_cfg), None
-    if tokenizer is None:
-        if model_cfg.tokenizer_source is None:
-            raise ConfigError(f"checkpoint {cfg.checkpoint} holds no tokenizer" if cfg.checkpoint
-                              else f"model {model_cfg.name!r} names no tokenizer; set model.tokenizer")
-        tokenizer = load_tokenizer(model_cfg.tokenizer_source)
-    return model, model_cfg, tokenizer
 
 
 def read_user_turn() -> str | None:
@@ -94,17 +69,17 @@ def chat(model, tokenizer, sampling: SamplingConfig, eos_token_ids) -> None:
         print_rank_zero(f"assistant> {output.response_texts[0]}")
 
 
-@hydra.main(config_path="../conf", config_name="generate", version_base=None)
+@hydra.main(config_path=str(CONF_DIR), config_name="generate", version_base=None)
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     prompts = None if cfg.interactive else load_prompts(cfg)
     sampling = from_dict(SamplingConfig, cfg.sampling, "sampling")
     parallel = from_dict(ParallelConfig, cfg.parallel, "parallel")
-    model, model_cfg, tokenizer = load_model(cfg, parallel)
-
-    # The tokenizer's EOS and the model's own may differ (base vs chat tokens): either ends a reply.
-    eos_token_ids = sampling.eos_token_ids or sorted(
-        {token_id for token_id in (tokenizer.eos_token_id, model_cfg.eos_token_id) if token_id is not None})
+    # The one policy loader: a checkpoint if given, else the (command-line composed) preset.
+    policy = load_policy(cfg.checkpoint or load_model_config(cfg.model),
+                         parallel)
+    model, tokenizer = policy.model, policy.tokenizer
+    eos_token_ids = sampling.eos_token_ids or policy.eos_token_ids
     if cfg.interactive:
         chat(model, tokenizer, sampling, eos_token_ids or None)
         destroy_distributed()

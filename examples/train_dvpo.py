@@ -7,24 +7,25 @@
         gvm=/runs/gvm-8b/final parallel.tensor_model_parallel_size=4 rollout.sampling.max_new_tokens=1024
 
 The recipe (the loop, step by step) is nemo_dvpo/recipes/dvpo.py; settings and defaults are its dataclasses;
-conf/dvpo.yaml overrides them for the embedded default.
+nemo_dvpo/conf/dvpo.yaml overrides them for the embedded default.
 """
 
 import hydra
 from omegaconf import DictConfig
 
 from nemo_dvpo.recipes.dvpo import DVPORecipe, DVPORecipeConfig, parse_config, train_gvm_first
-from nemo_dvpo.rlhf.policy_run import format_summary
+from nemo_dvpo.rlhf.report import format_summary
 from nemo_dvpo.training.stopping import GracefulStop
 from nemo_dvpo.utils.config import register_defaults
 from nemo_dvpo.utils.distributed import destroy_distributed, print_rank_zero
 from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.paths import CONF_DIR
 
-# conf/dvpo.yaml composes these defaults (one source: the dataclasses) with its overrides.
+# nemo_dvpo/conf/dvpo.yaml composes these defaults (one source: the dataclasses) with its overrides.
 register_defaults("dvpo_defaults", DVPORecipeConfig)
 
 
-@hydra.main(config_path="../conf", config_name="dvpo", version_base=None)
+@hydra.main(config_path=str(CONF_DIR), config_name="dvpo", version_base=None)
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     config = parse_config(cfg)

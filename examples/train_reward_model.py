@@ -15,13 +15,15 @@ from omegaconf import DictConfig
 from nemo_dvpo.recipes.gvm import GVMRecipe, GVMRecipeConfig, parse_config
 from nemo_dvpo.training.stopping import GracefulStop
 from nemo_dvpo.utils.config import register_defaults
+from nemo_dvpo.utils.distributed import destroy_distributed
 from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.paths import CONF_DIR
 
-# conf/reward_model.yaml composes these defaults (the value-model recipe's dataclasses) with its overrides.
+# nemo_dvpo/conf/reward_model.yaml composes these defaults (the value-model recipe's dataclasses) with its overrides.
 register_defaults("gvm_defaults", GVMRecipeConfig)
 
 
-@hydra.main(config_path="../conf", config_name="reward_model", version_base=None)
+@hydra.main(config_path=str(CONF_DIR), config_name="reward_model", version_base=None)
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     config = parse_config(cfg)
@@ -29,6 +31,7 @@ def main(cfg: DictConfig) -> None:
         recipe = GVMRecipe(config, stop=stop)
         recipe.train()
     recipe.cleanup()
+    destroy_distributed()
 
 
 if __name__ == "__main__":

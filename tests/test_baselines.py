@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, entry_point_env as _env, kill_after_first_checkpoint, run_torchrun
+from tests.test_dvpo_recipe import _step_metrics
 
 pytestmark = pytest.mark.slow  # every test here trains, converts or launches ranks (see pyproject.toml)
 
@@ -23,11 +24,6 @@ PPO_METRICS = ("rollout/kl", "rollout/score", "rollout/critic_value_mean", "roll
                "train/critic_explained_variance")
 
 
-def _metrics(run_dir: Path) -> dict[int, dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {record["step"]: {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))
-                             and k not in ("train/step_time_s", "train/peak_memory_mib")}
-            for record in records}
 
 
 def _run(command: list[str], timeout: int = 900) -> str:
@@ -51,7 +47,7 @@ def test_reward_model_learns_the_pairs_with_the_bradley_terry_loss(tmp_path):
                    "train.micro_batch_size=4", "train.eval_every=6", "train.eval_max_pairs=8", "optim.lr=1e-3",
                    "optim.warmup_steps=0"])
     assert "saved the reward_model" in output
-    metrics = _metrics(run_dir)
+    metrics = _step_metrics(run_dir)
     # The head starts at zero: every reward is 0, so the first loss is -log sigma(0) = log 2 and no pair is
     # ranked yet.
     assert metrics[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -155,7 +151,7 @@ def test_killed_and_resumed_ppo_reproduces_the_uninterrupted_run(work_dir, tmp_p
     kill_after_first_checkpoint(_ppo_command(work_dir, killed), killed)
     output = _run(_ppo_command(work_dir, killed, "resume=true"))
     assert "resumed from" in output
-    expected, actual = _metrics(uninterrupted), _metrics(killed)
+    expected, actual = _step_metrics(uninterrupted), _step_metrics(killed)
     assert sorted(actual) == [1, 2, 3] and actual == expected
     # Step 1 is the critic's warm-up: the policy does not move, so step 2 still samples from the reference.
     assert "train/pg_loss" not in expected[1] and "train/pg_loss" in expected[2]
@@ -194,7 +190,7 @@ def test_dpo_starts_at_log_2_learns_and_resumes_exactly(work_dir, tmp_path):
     uninterrupted = tmp_path / "uninterrupted"
     output = _run(_dpo_command(work_dir, uninterrupted))
     assert "DPO summary" in output
-    metrics = _metrics(uninterrupted)
+    metrics = _step_metrics(uninterrupted)
     # The policy starts as the reference: every implicit reward is 0 and the loss -log sigma(0) = log 2.
     assert metrics[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert metrics[4]["train/loss"] < metrics[1]["train/loss"] - 0.01
@@ -203,7 +199,7 @@ def test_dpo_starts_at_log_2_learns_and_resumes_exactly(work_dir, tmp_path):
     killed = tmp_path / "killed"
     kill_after_first_checkpoint(_dpo_command(work_dir, killed), killed)
     assert "resumed from" in _run(_dpo_command(work_dir, killed, "resume=true"))
-    assert _metrics(killed) == metrics
+    assert _step_metrics(killed) == metrics
 
 
 def test_dpo_at_tp2_equals_tp1(work_dir, tmp_path):
@@ -212,7 +208,7 @@ def test_dpo_at_tp2_equals_tp1(work_dir, tmp_path):
     double = tmp_path / "tp2"
     _run([sys.executable, "-m", "nemo_dvpo.launch", "--standalone", "--nproc-per-node=2",
           *_dpo_command(work_dir, double, "train.steps=2", "parallel.tensor_model_parallel_size=2")[1:]])
-    expected, actual = _metrics(single), _metrics(double)
+    expected, actual = _step_metrics(single), _step_metrics(double)
     for step in (1, 2):
         for name in ("train/loss", "train/grad_norm", "train/chosen_reward", "eval/pair_accuracy"):
             if name in expected[step]:

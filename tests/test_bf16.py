@@ -17,8 +17,6 @@ from tests.conftest import REPO_ROOT, entry_point_env as _env, kill_after_first_
 from tests.test_dvpo_recipe import _command, _given_gvm, _step_metrics
 
 FIXTURE = "tests/fixtures/ultrafeedback_binarized_mini.jsonl"
-# Logged per step but measurements of the machine, not of the training.
-_TIMINGS = ("train/step_time_s", "train/tokens_per_s", "train/peak_memory_mib")
 
 
 def _gvm_command(run_dir: Path, *overrides: str) -> list[str]:
@@ -37,9 +35,6 @@ def _run(command: list[str]) -> str:
     return output
 
 
-def _metrics(run_dir: Path) -> dict[int, dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {record["step"]: {k: v for k, v in record.items() if k not in _TIMINGS} for record in records}
 
 
 def _read_distributed_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
@@ -73,7 +68,7 @@ def test_killed_and_resumed_bf16_gvm_reproduces_the_uninterrupted_run(uninterrup
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000002"
     output = _run(_gvm_command(killed, _optimizer_option(distributed), "resume=true"))
     assert "resumed from" in output
-    expected, actual = _metrics(reference), _metrics(killed)
+    expected, actual = _step_metrics(reference), _step_metrics(killed)
     assert sorted(actual) == [1, 2, 3, 4]
     assert actual == expected
     # The steps after the checkpoint trained: equality is not that of a model that stopped moving.

@@ -135,7 +135,7 @@ def test_main_job_trains_a_gvm_first_then_the_policy_and_exports_it(tmp_path):
 
 
 def test_the_summary_says_what_the_evaluation_can_and_cannot_show():
-    from nemo_dvpo.rlhf.policy_run import _gvm_accuracy, what_the_change_shows
+    from nemo_dvpo.rlhf.report import _gvm_accuracy, what_the_change_shows
 
     # The embedded default's size: 32 prompts, a change well inside its interval.
     small = what_the_change_shows({"mean": -0.016, "ci95": 0.068, "num_prompts": 32}, 6)
@@ -245,58 +245,55 @@ class _Replica(torch.nn.Sequential):
         self.broadcasts += 1
 
 
-def _budget_run(rank: int, size: int, budget: float):
-    from types import SimpleNamespace
-
-    from nemo_dvpo.rlhf.policy_run import PolicyRun
+def _budget(rank: int, size: int, budget: float):
+    from nemo_dvpo.rlhf.kl_budget import KLBudget
     from nemo_dvpo.training.data_parallel import DataParallel
 
-    run = PolicyRun.__new__(PolicyRun)  # only the KL-budget state, not a whole run
-    run.policy, run.tag = [_Replica()], "test"
-    run.cfg = SimpleNamespace(train=SimpleNamespace(kl_budget=budget))
-    run.data_parallel = DataParallel(rank=rank, size=size, group=None)
-    run.within_budget = run.kl_budget_passed = None
-    return run
+    policy = [_Replica()]
+    trained = lambda: [p for m in policy for p in m.parameters() if p.requires_grad]  # noqa: E731
+    return KLBudget(budget, trained, policy, DataParallel(rank=rank, size=size, group=None), "test"), policy
 
 
 def test_kl_budget_keeps_one_in_place_copy_of_the_trained_parameters_only():
-    run = _budget_run(rank=0, size=1, budget=1.0)
-    base, adapter = run.policy[0]
+    budget, policy = _budget(rank=0, size=1, budget=1.0)
+    base, adapter = policy[0]
     base_before = base.weight.detach().clone()
-    run.step = 0
-    run.watch_kl_budget(0.5)
-    kept = run.within_budget["weights"]
+    assert not budget.watch(0, 0.5)
+    kept = budget.within["weights"]
     # Only what trains is copied: the frozen base (with LoRA, the whole model but the adapters) is not.
     assert [tuple(w.shape) for w in kept] == [(1, 3), (1,)]
     with torch.no_grad():
         adapter.weight.add_(1.0)
-    run.step = 1
-    run.watch_kl_budget(0.8)
+    assert not budget.watch(1, 0.8)
     # Still within the budget: the same tensors now hold the newer policy (no second copy is allocated).
-    assert all(a is b for a, b in zip(run.within_budget["weights"], kept))
-    assert torch.equal(kept[0], adapter.weight) and run.within_budget["step"] == 1
+    assert all(a is b for a, b in zip(budget.within["weights"], kept))
+    assert torch.equal(kept[0], adapter.weight) and budget.within["step"] == 1
     within = adapter.weight.detach().clone()
     with torch.no_grad():
         adapter.weight.add_(1.0)
-    run.step = 2
-    run.watch_kl_budget(1.5)
-    assert run.kl_budget_passed == {"step": 2, "kl": 1.5} and run.within_budget["step"] == 1
-    run.return_to_within_budget()
+    assert budget.watch(2, 1.5)
+    assert budget.passed == {"step": 2, "kl": 1.5} and budget.within["step"] == 1
+    assert budget.return_to_within() == 1
     assert torch.equal(adapter.weight, within) and torch.equal(base.weight, base_before)
-    assert run.final_step == 1 and run.policy[0].broadcasts == 0
+    assert policy[0].broadcasts == 0
+    assert budget.summary(final_step=1) == {"budget": 1.0, "final_policy_step": 1, "passed_at_step": 3,
+                                            "passed_with_kl": 1.5}
+    assert budget.final_kl(last_kl=1.5) == 0.8
 
 
 def test_kl_budget_copy_lives_on_data_parallel_rank_zero_and_is_broadcast_on_return():
     for rank in (0, 1):
-        run = _budget_run(rank=rank, size=2, budget=1.0)
-        run.step = 0
-        run.watch_kl_budget(0.5)
-        assert (run.within_budget["weights"] is None) == (rank != 0)
-        run.step = 1
-        run.watch_kl_budget(2.0)
-        run.return_to_within_budget()
+        budget, policy = _budget(rank=rank, size=2, budget=1.0)
+        budget.watch(0, 0.5)
+        assert (budget.within["weights"] is None) == (rank != 0)
+        assert budget.watch(1, 2.0)
         # Every replica takes part in the broadcast from rank 0, which alone restored its weights.
-        assert run.final_step == 0 and run.policy[0].broadcasts == 1
+        assert budget.return_to_within() == 0 and policy[0].broadcasts == 1
+
+
+def test_no_kl_budget_never_passes_and_keeps_nothing():
+    budget, _ = _budget(rank=0, size=1, budget=None)
+    assert not budget.watch(0, 1e9) and budget.within is None and budget.summary(final_step=3) is None
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, entry_point_env, kill_after_first_checkpoint, run_torchrun
+from tests.test_dvpo_recipe import _step_metrics
 from tests.tolerances import llama_terms, reduction_atol
 
 FIXTURE = str(REPO_ROOT / "tests" / "fixtures" / "ultrafeedback_binarized_mini.jsonl")
@@ -100,7 +101,7 @@ def test_merged_hf_export_computes_the_adapted_models_logits(tmp_path, megatron_
     from nemo_dvpo.models.forward import full_logits
     from nemo_dvpo.models.lora import LoRAConfig, apply_lora, has_adapters
     from nemo_dvpo.models.sources import load_tokenizer
-    from nemo_dvpo.rlhf.policy_run import finalize_policy
+    from nemo_dvpo.rlhf.policy import finalize_policy
     from nemo_dvpo.utils.distributed import ParallelConfig
     from tests.distributed.common import megatron_from_hf, random_hf_model
 
@@ -221,11 +222,6 @@ def test_value_model_trains_only_adapters_and_head_and_its_checkpoints_resume_an
         load_training_checkpoint(path, other, other_optimizer, other_scheduler)
 
 
-def _metrics(run_dir: Path) -> dict[int, dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {record["step"]: {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))
-                             and k not in ("train/step_time_s", "train/peak_memory_mib")}
-            for record in records}
 
 
 def _run(command: list[str]) -> str:
@@ -253,14 +249,14 @@ def test_killed_lora_dpo_run_resumes_exactly_and_its_final_policy_differs_only_i
     init = tiny_policy_and_gvm / "init"
     uninterrupted = tmp_path / "uninterrupted"
     assert "DPO summary" in _run(_dpo_command(init, uninterrupted))
-    metrics = _metrics(uninterrupted)
+    metrics = _step_metrics(uninterrupted)
     # The reference is the policy with its adapters off, and a fresh adapter is the identity: loss log 2.
     assert metrics[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert metrics[3]["train/loss"] < metrics[1]["train/loss"]
     killed = tmp_path / "killed"
     kill_after_first_checkpoint(_dpo_command(init, killed, "export_hf=false"), killed)
     assert "resumed from" in _run(_dpo_command(init, killed, "resume=true", "export_hf=false"))
-    assert _metrics(killed) == metrics
+    assert _step_metrics(killed) == metrics
 
     # Final checkpoint: merged weights (a plain policy); only the adapted layers moved.
     assert "lora" not in json.loads((uninterrupted / "final" / "nemo_dvpo_checkpoint.json").read_text())

@@ -19,9 +19,11 @@ from typing import Optional
 from nemo_dvpo.algorithms.grpo import group_advantages, token_advantages
 from nemo_dvpo.recipes.config import parse_recipe_config
 from nemo_dvpo.rlhf.config import PolicyRunConfig, RolloutConfig
-from nemo_dvpo.rlhf.policy_run import PolicyRun
-from nemo_dvpo.rlhf.scorers import RewardScorer
+from nemo_dvpo.rlhf.metrics import rollout_metrics
+from nemo_dvpo.rlhf.parts import RLParts
+from nemo_dvpo.rlhf.scorers import RewardScorer, frozen_value_model
 from nemo_dvpo.rlhf.trajectory import Trajectory
+from nemo_dvpo.training.run import Run
 from nemo_dvpo.training.stopping import GracefulStop
 from nemo_dvpo.utils.errors import ConfigError
 
@@ -44,30 +46,32 @@ class GRPORecipeConfig(PolicyRunConfig):
 
 
 class GRPORecipe:
-    """``__init__`` wires config -> policy run and reward model; ``train()`` is the algorithm."""
+    """``__init__`` wires config -> run, reward model, policy parts; ``train()`` is the algorithm."""
 
     def __init__(self, cfg: GRPORecipeConfig, stop: Optional[GracefulStop] = None):
         self.cfg = cfg
-        self.run = run = PolicyRun(cfg, "grpo", stop)
-        self.reward_model = RewardScorer(run.frozen_value_model(cfg.reward_model, kinds=("reward_model",)))
-        run.load_prompts()
-        run.build_policy()
-        run.resume()
+        self.run = run = Run(cfg, "grpo", stop)
+        self.reward_model = RewardScorer(frozen_value_model(cfg.reward_model, ("reward_model",), cfg, run.model_cfg,
+                                                            run.tokenizer))
+        self.parts = parts = RLParts.build(cfg, run)
+        run.track(parts.policy.trained, state=parts.state)
+        parts.restore(run.resume())
 
     def train(self) -> dict:
-        cfg, run = self.cfg, self.run
+        cfg, run, parts = self.cfg, self.run, self.parts
+        policy = parts.policy
         with run.stopping():
-            run.evaluate_before()
-            for step in run.steps(postfix=("rollout/score", "rollout/kl", "train/clip_fraction")):
+            parts.evaluation.score_before(policy.model)
+            for step in run.steps(show=("rollout/score", "rollout/kl", "train/clip_fraction")):
                 timer = run.phase_timer()
                 # 1. the step's prompts, each repeated for its group
-                prompt_ids, records = run.step_prompts(step)
+                prompt_ids, records = parts.prompts.step_prompts(step)
                 # 2. rollout: a group of responses per prompt from the current policy
                 with timer("generation"):
-                    sample = run.sample(step, prompt_ids)
+                    sample = policy.sample(run.tokenizer, prompt_ids, parts.prompts.sampling(step))
                 # 3. once over the rollout: reference log-probs, reward-model scores
                 with timer("reference_forward"):
-                    ref_logprobs = run.reference_logprobs(sample)
+                    ref_logprobs = policy.reference_logprobs(sample)
                 with timer("reward_forward"):
                     scores = self.reward_model.scores(sample.tokens, sample.sequence_lengths)
                 # 4. group-relative advantages, at every token of each response
@@ -76,17 +80,20 @@ class GRPORecipe:
                 trajectory = Trajectory(sample.tokens, sample.response_mask, sample.sequence_lengths,
                                         sample.old_logprobs, ref_logprobs, scores[:, None] * sample.response_mask,
                                         advantages)
-                metrics = run.rollout_metrics(sample, trajectory, records, values_name="score")
+                metrics = rollout_metrics(sample, trajectory, records, "score", run.data_parallel, parts.kl.value)
                 metrics["rollout/score"] = metrics.pop("rollout/score_last_token")
                 metrics.pop("rollout/score_mean")
+                over_budget = parts.kl_budget.watch(step, metrics["rollout/kl"])
                 # 5. PPO epochs of the clipped surrogate, the KL to the reference as a loss term
                 with timer("update"):
-                    metrics |= {f"train/{name}": value for name, value in
-                                run.update_policy(step, trajectory, cfg.ppo, run.kl_controller.value).items()}
+                    metrics |= policy.update(step, trajectory, cfg.ppo, kl_loss_coef=parts.kl.value)
                 # 6. the KL controller; metrics (a checkpoint, or a stop, follows the step)
-                run.kl_controller.update(metrics["rollout/kl"], n_steps=cfg.rollout.sequences_per_step)
+                parts.kl.update(metrics["rollout/kl"], n_steps=cfg.rollout.sequences_per_step)
                 run.log(step, metrics | timer.metrics(run.data_parallel.sum(sample.response_mask.sum())))
-            return run.finish({"reward_model": cfg.reward_model}, metadata={"reward_model": cfg.reward_model})
+                # 7. past train.kl_budget: back to the newest policy within it, and end the run
+                if over_budget:
+                    run.end_after_this_step(parts.kl_budget.return_to_within())
+            return parts.finish(run, {"reward_model": cfg.reward_model}, metadata={"reward_model": cfg.reward_model})
 
     def cleanup(self) -> None:
         self.run.cleanup()

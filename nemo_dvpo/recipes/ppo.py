@@ -29,11 +29,13 @@ from nemo_dvpo.checkpointing.train_checkpoint import TrainedModel
 from nemo_dvpo.models.value_model import token_values
 from nemo_dvpo.recipes.config import parse_recipe_config
 from nemo_dvpo.rlhf.config import PolicyRunConfig, PolicyUpdateConfig
-from nemo_dvpo.rlhf.policy_run import PolicyRun
-from nemo_dvpo.rlhf.scorers import RewardScorer
+from nemo_dvpo.rlhf.metrics import rollout_metrics
+from nemo_dvpo.rlhf.parts import RLParts
+from nemo_dvpo.rlhf.scorers import RewardScorer, frozen_value_model
 from nemo_dvpo.rlhf.trajectory import Trajectory
 from nemo_dvpo.rlhf.update import MiniBatchSchedule, ValueOutputs, minibatch_update
 from nemo_dvpo.training.optim import OptimConfig, build_optimizer, ddp_config_for
+from nemo_dvpo.training.run import Run
 from nemo_dvpo.training.step import configure_for_training
 from nemo_dvpo.training.stopping import GracefulStop
 from nemo_dvpo.utils.errors import ConfigError
@@ -84,27 +86,27 @@ class PPORecipeConfig(PolicyRunConfig):
 
 
 class PPORecipe:
-    """``__init__`` wires config -> policy run, reward model, critic; ``train()`` is the algorithm."""
+    """``__init__`` wires config -> run, reward model, policy parts, critic; ``train()`` is the algorithm."""
 
     def __init__(self, cfg: PPORecipeConfig, stop: Optional[GracefulStop] = None):
         self.cfg = cfg
-        self.run = run = PolicyRun(cfg, "ppo", stop)
-        self.reward_model = RewardScorer(run.frozen_value_model(cfg.reward_model, kinds=("reward_model",)))
-        run.load_prompts()
-        run.build_policy()
+        self.run = run = Run(cfg, "ppo", stop)
+        self.reward_model = RewardScorer(frozen_value_model(cfg.reward_model, ("reward_model",), cfg, run.model_cfg,
+                                                            run.tokenizer))
+        self.parts = parts = RLParts.build(cfg, run)
         mini_batches = cfg.rollout.sequences_per_step // cfg.ppo.mini_batch_size
         self.critic = self.build_critic(cfg.critic.init_from or cfg.reward_model, cfg.critic.epochs * mini_batches)
-        run.add_trained_model("critic", self.critic)
-        run.resume()
+        run.track(parts.policy.trained, state=parts.state, extra_models={"critic": self.critic})
+        parts.restore(run.resume())
 
     def build_critic(self, init_from: str, updates_per_step: int) -> TrainedModel:
         cfg, run = self.cfg, self.run
-        model_cfg = read_checkpoint_model_config(init_from, run_as=run.policy_cfg)
-        if model_cfg.vocab_size != run.policy_cfg.vocab_size:
+        model_cfg = read_checkpoint_model_config(init_from, run_as=run.model_cfg)
+        if model_cfg.vocab_size != run.model_cfg.vocab_size:
             raise ConfigError(f"critic.init_from={init_from} has vocabulary size {model_cfg.vocab_size}, the policy "
-                              f"{run.policy_cfg.vocab_size}")
+                              f"{run.model_cfg.vocab_size}")
         model = load_value_model(model_cfg, init_from=init_from, wrap_with_ddp=True,
-                                  ddp_config=ddp_config_for(cfg.critic.optim), seq_length=run.seq_length)
+                                  ddp_config=ddp_config_for(cfg.critic.optim), seq_length=cfg.seq_length)
         optimizer, scheduler = build_optimizer(model, cfg.critic.optim, cfg.train.steps * updates_per_step)
         configure_for_training(model, optimizer)
         return TrainedModel(model, optimizer, scheduler, model_cfg, load_hf_config_from_checkpoint(init_from),
@@ -113,19 +115,20 @@ class PPORecipe:
     # -- the algorithm -------------------------------------------------------------------------------------
 
     def train(self) -> dict:
-        cfg, run = self.cfg, self.run
+        cfg, run, parts = self.cfg, self.run, self.parts
+        policy = parts.policy
         with run.stopping():
-            run.evaluate_before()
-            for step in run.steps(postfix=("rollout/score", "rollout/kl", "train/critic_explained_variance")):
+            parts.evaluation.score_before(policy.model)
+            for step in run.steps(show=("rollout/score", "rollout/kl", "train/critic_explained_variance")):
                 timer = run.phase_timer()
                 # 1. the step's prompts (this rank's share)
-                prompt_ids, records = run.step_prompts(step)
+                prompt_ids, records = parts.prompts.step_prompts(step)
                 # 2. rollout: sample responses from the current policy
                 with timer("generation"):
-                    sample = run.sample(step, prompt_ids)
+                    sample = policy.sample(run.tokenizer, prompt_ids, parts.prompts.sampling(step))
                 # 3. one pass each over the rollout: reference log-probs, reward-model scores, critic values
                 with timer("reference_forward"):
-                    ref_logprobs = run.reference_logprobs(sample)
+                    ref_logprobs = policy.reference_logprobs(sample)
                 with timer("reward_forward"):
                     scores = self.reward_model.scores(sample.tokens, sample.sequence_lengths)
                 with timer("critic_forward"):
@@ -136,27 +139,31 @@ class PPORecipe:
                 reward_scores = (normalize_scores(scores, group=run.data_parallel.group)
                                  if cfg.ppo.score_normalization == "batch" else scores)
                 rewards = ppo_rewards(reward_scores, sample.old_logprobs, ref_logprobs, sample.response_mask,
-                                      run.kl_controller.value)
+                                      parts.kl.value)
                 advantages = gae(rewards, values, sample.response_mask, cfg.ppo.gamma, cfg.ppo.lam,
                                  group=run.data_parallel.group)
                 trajectory = Trajectory(sample.tokens, sample.response_mask, sample.sequence_lengths,
                                         sample.old_logprobs, ref_logprobs, values * sample.response_mask,
                                         advantages.advantages, advantages.returns)
-                metrics = run.rollout_metrics(sample, trajectory, records, values_name="critic_value")
+                metrics = rollout_metrics(sample, trajectory, records, "critic_value", run.data_parallel,
+                                          parts.kl.value)
                 metrics["rollout/score"] = float(run.data_parallel.mean({"s": float(scores.mean())})["s"])
+                over_budget = parts.kl_budget.watch(step, metrics["rollout/kl"])
                 # 5. critic epochs, then policy epochs once the critic has warmed up
                 with timer("critic_update"):
                     metrics |= self.update_critic(step, trajectory)
                 if step >= cfg.critic.warmup_steps:
                     with timer("update"):
-                        metrics |= {f"train/{name}": value
-                                    for name, value in run.update_policy(step, trajectory, cfg.ppo, 0.0).items()}
+                        metrics |= policy.update(step, trajectory, cfg.ppo, kl_loss_coef=0.0)
                 # 6. the KL controller; metrics (a checkpoint, or a stop, follows the step)
-                run.kl_controller.update(metrics["rollout/kl"], n_steps=cfg.rollout.sequences_per_step)
+                parts.kl.update(metrics["rollout/kl"], n_steps=cfg.rollout.sequences_per_step)
                 run.log(step, metrics | timer.metrics(run.data_parallel.sum(sample.response_mask.sum())))
-            return run.finish({"reward_model": cfg.reward_model,
-                               "critic_init": cfg.critic.init_from or cfg.reward_model},
-                              metadata={"reward_model": cfg.reward_model})
+                # 7. past train.kl_budget: back to the newest policy within it, and end the run
+                if over_budget:
+                    run.end_after_this_step(parts.kl_budget.return_to_within())
+            return parts.finish(run, {"reward_model": cfg.reward_model,
+                                      "critic_init": cfg.critic.init_from or cfg.reward_model},
+                                metadata={"reward_model": cfg.reward_model})
 
     def update_critic(self, step: int, trajectory: Trajectory) -> dict[str, float]:
         cfg, critic = self.cfg, self.critic

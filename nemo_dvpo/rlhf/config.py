@@ -156,3 +156,13 @@ class PolicyRunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # LoRA adapters on the policy (lora.enabled=true): only they train; the reference is the policy with them off.
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    @property
+    def seq_length(self) -> int:
+        """The longest sequence the models see: a prompt and the longer of a rollout's and an evaluation's answer."""
+        return self.data.max_prompt_tokens + max(self.rollout.sampling.max_new_tokens, self.eval.max_new_tokens)
+
+    @property
+    def updates_per_step(self) -> int:
+        """The policy's optimizer steps per RL step (they size its learning-rate schedule)."""
+        return self.ppo.ppo_epochs * (self.rollout.sequences_per_step // self.ppo.mini_batch_size)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Optional, Protocol
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 
@@ -179,3 +181,26 @@ def _own_groups(model_cfg, tensor_parallel: int):
     print_rank_zero(f"[dvpo] the GVM runs at its own layout: tensor-parallel {tensor_parallel}, data-parallel "
                     f"{dist.get_world_size() // tensor_parallel}, no pipeline parallelism")
     return standalone_model_groups(tensor_parallel)
+
+
+def frozen_value_model(path: str, kinds: tuple[str, ...], cfg, policy_cfg, tokenizer, **kwargs) -> LocalValueModel:
+    """A frozen GVM or reward model in this process for an RL run (``cfg``: its
+    :class:`~nemo_dvpo.rlhf.config.PolicyRunConfig`), refused unless it reads the policy's tokens."""
+    scorer = LocalValueModel(path, policy_cfg.precision, cfg.seq_length, kinds=kinds,
+                             rows=cfg.rollout.forward_micro_batch_size, offload=cfg.offload_frozen_models, **kwargs)
+    check_scorer_matches_policy(scorer.info, tokenizer, policy_cfg.vocab_size, cfg.data.chat_template, where=path)
+    return scorer
+
+
+@contextmanager
+def stop_on_outage(save: Callable[[int], Path], completed: int) -> Iterator[None]:
+    """A value or reward server that stays unreachable ends the run with a checkpoint after the last full step
+    (``completed`` steps, written by ``save``), and an error that says how to continue."""
+    try:
+        yield
+    except ScorerUnavailable as error:
+        saved = save(completed) if completed > 0 else None
+        where = (f"with a checkpoint after step {completed} ({saved})" if saved else
+                 "before its first step (nothing to save)")
+        raise NemoDvpoError(f"{error}. The run stopped {where}: restart the server, then run the same command "
+                            "with resume=true to continue") from None

@@ -107,6 +107,12 @@ def progress_bar(total: int, initial: int = 0, description: str = ""):
                 dynamic_ncols=True, file=sys.stderr)
 
 
+def _synchronize() -> None:
+    """On a GPU, wait for the queued kernels: otherwise a phase's work is billed to whichever phase next waits."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class PhaseTimer:
     """Wall time of a step (``time/step_s``, from the timer's creation) and of its phases
     (``time/<phase>_s``): ``with timer("generation"): ...``."""
@@ -117,10 +123,12 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
+        _synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
+            _synchronize()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def metrics(self, generated_tokens=None) -> dict[str, float]:

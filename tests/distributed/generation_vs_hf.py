@@ -10,7 +10,7 @@ a full (no KV cache) forward pass at the same layout.
 import argparse
 import json
 
-import common  # noqa: F401  (puts the repo on sys.path)
+import common  # the script's own folder is on sys.path when torchrun runs it
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 
 import argparse
 
-import common  # noqa: F401  (puts the repo on sys.path)
+import common  # the script's own folder is on sys.path when torchrun runs it
 import torch
 
 from nemo_dvpo.models.config import load_model_config

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-import common  # noqa: F401  (puts the repo on sys.path)
+import common  # the script's own folder is on sys.path when torchrun runs it
 import torch
 import torch.distributed as dist
 

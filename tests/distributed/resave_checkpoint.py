@@ -5,7 +5,7 @@
 
 import argparse
 
-import common  # noqa: F401
+import common
 
 from nemo_dvpo.checkpointing.model_checkpoint import (
     load_hf_config_from_checkpoint,

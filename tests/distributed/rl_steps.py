@@ -34,7 +34,7 @@ def main() -> None:
     import nemo_dvpo  # noqa: F401
     from nemo_dvpo.inference.generation import SamplingConfig
     from nemo_dvpo.models.config import load_model_config
-    from nemo_dvpo.rlhf import policy_run
+    from nemo_dvpo.rlhf import policy as policy_module
     from nemo_dvpo.rlhf.config import EvalConfig, PolicyTrainConfig, PromptDataConfig, RolloutConfig
     from nemo_dvpo.utils.distributed import ParallelConfig
 
@@ -75,19 +75,19 @@ def main() -> None:
     cfg.optim.lr = 1e-3
 
     rollouts = []
-    original = policy_run.sample_rollout
+    original = policy_module.sample_rollout
 
     def recording_sample_rollout(*args, **kwargs):
         sample = original(*args, **kwargs)
         rollouts.append(sample.tokens.tolist())
         return sample
 
-    policy_run.sample_rollout = recording_sample_rollout
+    policy_module.sample_rollout = recording_sample_rollout
     recipe = make()
-    run = recipe.run
+    policy = recipe.parts.policy
     scorer = recipe.scorer if algorithm == "dvpo" else recipe.reward_model.scorer
-    frozen = [scorer.model, run.reference]
-    trained = [run.policy] + ([recipe.critic.model] if algorithm == "ppo" else [])
+    frozen = [scorer.model, policy.reference]
+    trained = [policy.model] + ([recipe.critic.model] if algorithm == "ppo" else [])
     frozen_before = [state_digest(model) for model in frozen]
     trained_before = [state_digest(model) for model in trained]
     recipe.train()
@@ -102,7 +102,7 @@ def main() -> None:
     probe = torch.tensor(rollouts[-1])
     from nemo_dvpo.models.forward import full_logits
 
-    logits = full_logits(run.policy, probe)
+    logits = full_logits(policy.model, probe)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
         if dist.get_rank() == 0 else []
     write_result({"metrics": metrics, "rollouts": rollouts, "logits": logits[:, :, :64].tolist(),

@@ -1,4 +1,4 @@
-"""PolicyRun.rollout_metrics on 2 data-parallel ranks with a mixed prompt file: rank 0's prompts carry IFEval
+"""rollout_metrics on 2 data-parallel ranks with a mixed prompt file: rank 0's prompts carry IFEval
 instructions (verifiable), rank 1's are plain. The reductions are the real ones (DataParallel over gloo, the
 IFEval checkers); only the run around them is a stand-in.
 
@@ -16,8 +16,7 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
-    from nemo_dvpo.algorithms.ppo import FixedKLController
-    from nemo_dvpo.rlhf.policy_run import PolicyRun
+    from nemo_dvpo.rlhf.metrics import rollout_metrics
     from nemo_dvpo.rlhf.rollout import Sample
     from nemo_dvpo.rlhf.trajectory import Trajectory
     from nemo_dvpo.training.data_parallel import DataParallel
@@ -39,9 +38,7 @@ def main() -> None:
     else:
         records, texts = [{"prompt": "plain"}], ["anything, at all"]
     sample = Sample(generation=types.SimpleNamespace(response_texts=texts), old_logprobs=old)
-    run = types.SimpleNamespace(data_parallel=DataParallel.from_parallel_state(), kl_controller=FixedKLController(0.1),
-                                watch_kl_budget=lambda kl: None)
-    metrics = PolicyRun.rollout_metrics(run, sample, trajectory, records, "gvm_value")
+    metrics = rollout_metrics(sample, trajectory, records, "gvm_value", DataParallel.from_parallel_state(), kl_coef=0.1)
     gathered = [None] * 2
     dist.all_gather_object(gathered, metrics)
     write_result({"ranks": gathered})

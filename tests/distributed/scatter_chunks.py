@@ -1,6 +1,6 @@
 """gloo scatter of non-contiguous column chunks (what megatron-bridge does for row-parallel weights)."""
 
-import common  # noqa: F401
+import common
 import torch
 import torch.distributed as dist
 

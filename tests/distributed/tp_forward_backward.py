@@ -5,7 +5,7 @@
 
 import argparse
 
-import common  # noqa: F401
+import common
 import torch
 import torch.distributed as dist
 

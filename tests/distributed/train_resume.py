@@ -5,7 +5,7 @@
 
 import argparse
 
-import common  # noqa: F401
+import common
 import torch
 
 from nemo_dvpo.algorithms.gvm import gvm_loss, lambda_returns, terminal_rewards
