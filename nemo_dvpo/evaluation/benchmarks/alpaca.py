@@ -7,30 +7,25 @@ official annotator reads the judge's log-probabilities of the two identifiers fo
 the judge here is any chat endpoint, so the preference is the identifier it wrote (1: the baseline's
 output, 2: the model's), as AlpacaEval's non-weighted annotators do.
 
-Scores are computed by the ``alpaca_eval`` package's own code: the raw win rate by ``get_winrate`` and the
-length-controlled one by ``get_length_controlled_winrate`` (its GLM, fitted with its cross-validated
-logistic regression). The leaderboard's GLM (``length_controlled_v1``) also needs a per-instruction
-difficulty and annotations of two length-gamed baselines, which ``alpaca_eval`` downloads from the
-Hugging Face hub (``df_gamed.csv``) and no package ships; offline the GLM is alpaca_eval's
-``length_controlled_minimal`` (the length term and the model term, no difficulty term, no regularisation
-towards the gamed baselines), and the one file it would download is replaced by a table of the instruction
-indices with no difficulty values, which that formula does not read. Its 5-fold cross-validation needs at
-least 5 judged instructions.
+Scores are computed by the ``alpaca_eval`` package's own code (imported as published, ``alpaca_eval.metrics``):
+the raw win rate by ``get_winrate`` and the length-controlled one by its GLM - ``glm_winrate``'s formula,
+design matrices (``make_dmatrix_for_model``) and cross-validated logistic fit (``fit_LogisticRegressionCV``),
+averaged over the test design as ``get_length_controlled_winrate`` averages it. The leaderboard's GLM
+(``length_controlled_v1``) also needs a per-instruction difficulty and annotations of two length-gamed
+baselines, which ``alpaca_eval`` downloads from the Hugging Face hub (``df_gamed.csv``) and no package ships;
+``get_length_controlled_winrate`` fetches that file for every GLM, even those that do not read it. Offline the
+GLM is alpaca_eval's ``length_controlled_minimal`` (the length term and the model term: no difficulty term, no
+regularisation towards the gamed baselines), whose features - the preference and the standardised length
+difference - are built here as ``glm_winrate._get_featurized_data`` builds them, without the download.
+``tests/test_eval_references.py`` checks the result against ``get_length_controlled_winrate`` itself, run
+with huggingface_hub's offline cache. Its 5-fold cross-validation needs at least 5 judged instructions.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import importlib.util
-import math
 import random
-import sys
-import tempfile
-import types
-from pathlib import Path
+import warnings
 from typing import Optional
-from unittest import mock
 
 from nemo_dvpo.evaluation.benchmarks import assets
 from nemo_dvpo.evaluation.benchmarks.base import Benchmark, generation_record, judge_messages
@@ -46,23 +41,40 @@ GLM_NAME = "length_controlled_minimal"
 MIN_INSTRUCTIONS_FOR_GLM = 5
 
 
-def alpaca_eval_glm_module():
-    """``alpaca_eval.metrics.glm_winrate``, imported without ``alpaca_eval/__init__`` (which loads its whole
-    annotation stack: API clients, ``fire``, ``dotenv``). Its ``utils`` module imports ``pkg_resources``,
-    which setuptools >= 81 no longer ships, for two version helpers the metrics never call; where it is
-    missing an empty module stands in."""
-    if "alpaca_eval" not in sys.modules:
-        spec = importlib.util.find_spec("alpaca_eval")
-        if spec is None or not spec.submodule_search_locations:
-            raise NemoDvpoError("the alpaca_eval package is not installed; run ./setup.sh "
-                                "(or pip install --no-deps alpaca-eval==0.6.6 scikit-learn patsy)")
-        package = types.ModuleType("alpaca_eval")
-        package.__path__ = [str(Path(list(spec.submodule_search_locations)[0]))]
-        package.__package__ = "alpaca_eval"
-        sys.modules["alpaca_eval"] = package
-    if "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None:
-        sys.modules["pkg_resources"] = types.ModuleType("pkg_resources")
-    return importlib.import_module("alpaca_eval.metrics.glm_winrate")
+def alpaca_eval_metrics():
+    """``(alpaca_eval.metrics, alpaca_eval.metrics.glm_winrate)``, imported as alpaca_eval publishes them."""
+    try:
+        with warnings.catch_warnings():
+            # alpaca_eval.utils imports pkg_resources (setuptools < 81, pinned in requirements.txt), which warns
+            # that it is deprecated on every import; the two helpers it is used for are never called here.
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+            import alpaca_eval.metrics
+            from alpaca_eval.metrics import glm_winrate
+    except ImportError as error:
+        raise NemoDvpoError(f"alpaca_eval could not be imported ({error}); run ./setup.sh "
+                            "(or pip install alpaca-eval==0.6.6 'setuptools<81')") from None
+    return alpaca_eval.metrics, glm_winrate
+
+
+def length_controlled_features(frame):
+    """``(train, test)`` feature tables of alpaca_eval's GLM for judged instructions, as
+    ``glm_winrate._get_featurized_data`` builds them, less the instruction difficulty read from the download
+    (``length_controlled_minimal``'s formula does not use it).
+
+    ``frame``: ``preference`` (1: the baseline's output won, 2: the model's; 0 or 1.5: a tie),
+    ``output_1`` (the baseline's output), ``output_2`` (the model's).
+    """
+    frame = frame.reset_index(drop=True)
+    delta_length = frame["output_1"].str.len() - frame["output_2"].str.len()
+    train = frame[["preference"]].copy()
+    train["std_delta_len"] = delta_length / delta_length.std()
+    # alpaca_eval counts a 0 preference as a tie and moves preferences to [0, 1].
+    train["preference"] = train["preference"].astype(float).replace({0.0: 1.5}) - 1
+    train["not_gamed_baseline"] = True
+    # The prediction: the same instructions with no length difference.
+    test = train[["not_gamed_baseline"]].copy()
+    test["std_delta_len"] = 0
+    return train, test
 
 
 def alpaca_eval_scores(annotations: list[dict], model_name: str, annotator: str) -> dict:
@@ -73,42 +85,34 @@ def alpaca_eval_scores(annotations: list[dict], model_name: str, annotator: str)
     """
     import pandas as pd
 
-    glm = alpaca_eval_glm_module()
+    metrics, glm = alpaca_eval_metrics()
     frame = pd.DataFrame([{**annotation, "generator_1": BASELINE, "generator_2": model_name, "annotator": annotator}
                           for annotation in annotations])
     if frame.empty:
         return {"win_rate": None, "n_total": 0, "length_controlled_winrate": None,
                 "length_controlled_note": "no judged instructions"}
-    raw = {key: _plain(value) for key, value in glm.get_winrate(frame).items()}
+    raw = {key: _plain(value) for key, value in metrics.get_winrate(frame).items()}
     result = {**raw, "glm": GLM_NAME}
     if len(frame) < MIN_INSTRUCTIONS_FOR_GLM:
         return {**result, "length_controlled_winrate": None,
                 "length_controlled_note": f"alpaca_eval's GLM uses 5-fold cross-validation: it needs at least "
                                           f"{MIN_INSTRUCTIONS_FOR_GLM} judged instructions, there are {len(frame)}"}
-    with tempfile.TemporaryDirectory() as folder, _difficulty_table_in_place_of_download(glm, frame, folder):
-        try:
-            metrics = glm.get_length_controlled_winrate(frame, glm_info=glm.GLM_INFO[GLM_NAME], save_weights_dir=None,
-                                                        is_add_glm_preference_inplace=False,
-                                                        is_warn_extreme_changes=False)
-        except ValueError as error:  # e.g. every output pair has the same length difference
-            return {**result, "length_controlled_winrate": None,
-                    "length_controlled_note": f"alpaca_eval's GLM could not be fitted: {error}"}
-    result["length_controlled_winrate"] = _plain(metrics["length_controlled_winrate"])
+    glm_info = glm.GLM_INFO[GLM_NAME]
+    if "instruction_difficulty" in glm_info["formula"] or glm_info["regularize_to_baseline_lambda"]:
+        raise NemoDvpoError(f"alpaca_eval's {GLM_NAME} GLM now reads the instruction difficulty or the gamed "
+                            f"baselines ({glm_info}), which only its hub download holds; pin alpaca-eval==0.6.6")
+    train, test = length_controlled_features(frame)
+    try:
+        train_matrix, test_matrix = glm.make_dmatrix_for_model(train, test, formula=glm_info["formula"])
+        train_matrix = train_matrix[train_matrix["preference"].notna()]  # as get_length_controlled_winrate
+        model = glm.fit_LogisticRegressionCV(train_matrix, "preference", is_ytrue_proba=True, **glm_info["kwargs"])
+    except ValueError as error:  # e.g. every output pair has the same length difference
+        return {**result, "length_controlled_winrate": None,
+                "length_controlled_note": f"alpaca_eval's GLM could not be fitted: {error}"}
+    predicted = pd.Series(model.predict_proba(test_matrix)[:, 1])
+    result["length_controlled_winrate"] = _plain(predicted.mean() * 100)
+    result["lc_standard_error"] = _plain(predicted.sem() * 100)
     return result
-
-
-@contextlib.contextmanager
-def _difficulty_table_in_place_of_download(glm, frame, folder: str):
-    """alpaca_eval's featurisation reads ``df_gamed.csv`` from the hub for its instruction-difficulty column;
-    the minimal GLM's formula does not use it. Hand it the instruction indices with no difficulty."""
-    import pandas as pd
-
-    path = Path(folder) / "df_gamed.csv"
-    count = int(frame["index"].max()) + 1
-    pd.DataFrame({"index": range(count), "instruction_difficulty": [math.nan] * count,
-                  "model": ["none"] * count}).to_csv(path, index=False)
-    with mock.patch.object(glm, "hf_hub_download", lambda **kwargs: str(path)):
-        yield
 
 
 def _plain(value):
@@ -127,7 +131,7 @@ class AlpacaEval(Benchmark):
 
     def templates(self) -> tuple[str, str]:
         if self._templates is None:
-            module = assets.eval_framework_task_module("alpaca_eval_task")
+            module = assets.alpaca_eval_task_module()
             self._templates = (module.ALPACA_EVAL_SYSTEM_PROMPT, module.ALPACA_EVAL_USER_TEMPLATE)
         return self._templates
 

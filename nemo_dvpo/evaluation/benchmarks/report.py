@@ -49,13 +49,23 @@ def score_rows(scores: dict) -> list[tuple[str, Optional[float], Optional[float]
         rows.append(("MT-Bench turn 2", mt_bench.get("turn_2"), None, None))
     arena = scores.get("arena_hard")
     if arena:
-        low, high = arena.get("ci95") or (None, None)
-        rows.append(("Arena-Hard win rate (%)", _pct(arena.get("win_rate")), _pct(low), _pct(high)))
+        # arena-hard-auto's own numbers first - per category, as its leaderboard (it never pools the categories,
+        # which have different baselines) - then ours.
+        for category, part in sorted((arena.get("categories") or {}).items()):
+            auto = part.get("arena_hard_auto") or {}
+            low, high = auto.get("interval90") or (None, None)
+            rows.append((f"Arena-Hard {category}: score (%), arena-hard-auto 90% interval", _pct(auto.get("score")),
+                         _pct(low), _pct(high)))
+        # Files written before arena-hard-auto's interval was added name ours "ci95".
+        low, high = arena.get("ci95_question_bootstrap", arena.get("ci95")) or (None, None)
+        rows.append(("Arena-Hard all categories: win rate (%), question-bootstrap 95% interval (ours)",
+                     _pct(arena.get("win_rate")), _pct(low), _pct(high)))
     alpaca = scores.get("alpaca_eval")
     if alpaca:
         win, error = alpaca.get("win_rate"), alpaca.get("standard_error")
         rows.append(("AlpacaEval 2 win rate (%)", win, *_interval(win, None if error is None else 1.96 * error)))
-        rows.append(("AlpacaEval 2 LC win rate (%)", alpaca.get("length_controlled_winrate"), None, None))
+        lc, lc_error = alpaca.get("length_controlled_winrate"), alpaca.get("lc_standard_error")
+        rows.append(("AlpacaEval 2 LC win rate (%)", lc, *_interval(lc, None if lc_error is None else 1.96 * lc_error)))
     return rows
 
 
@@ -85,9 +95,11 @@ def write_report(folders: list[Path], output_dir: Path) -> Path:
     table = {name: {row[0]: row[1:] for row in score_rows(scores)} for name, (_, scores) in zip(names, evaluations)}
     metrics = list(dict.fromkeys(metric for rows in table.values() for metric in rows))
     lines = ["# Benchmark comparison", "",
-             "Scores with 95% intervals in brackets (IFEval: normal approximation clipped to 0-100; MT-Bench: normal "
-             "approximation over rated turns; Arena-Hard: bootstrap over questions; AlpacaEval: 1.96 x alpaca_eval's "
-             "standard error). `-`: not evaluated or nothing could be scored.", "",
+             "Scores with intervals in brackets, 95% unless named (IFEval: normal approximation clipped to 0-100; "
+             "MT-Bench: normal approximation over rated turns; Arena-Hard: arena-hard-auto's score and 90% interval "
+             "(mean and 5th / 95th percentiles of 100 resamples of the per-game entries), then the exact win rate "
+             "with our bootstrap over questions; AlpacaEval: 1.96 x alpaca_eval's standard error). `-`: not "
+             "evaluated or nothing could be scored.", "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for metric in metrics:
         lines.append(f"| {metric} | " + " | ".join(_cell(*table[name].get(metric, (None, None, None)))
