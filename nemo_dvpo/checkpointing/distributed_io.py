@@ -143,16 +143,31 @@ def verify_distributed_checkpoint(folder: Path, label: str) -> None:
 def load_distributed(sharded_state_dict, folder: Path, label: str) -> dict:
     """Collective: load ``folder`` into the layout of ``sharded_state_dict``; failures name the checkpoint."""
     from megatron.core import dist_checkpointing
+    # torch's CheckpointException derives from BaseException, not Exception (a missing key in the checkpoint
+    # arrives as one), so it is named here or it would escape the message below.
+    from torch.distributed.checkpoint.api import CheckpointException
 
     verify_distributed_checkpoint(folder, label)
     try:
         return dist_checkpointing.load(sharded_state_dict, str(folder))
     except CheckpointError:
         raise
-    except Exception as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except (Exception, CheckpointException) as error:
+        cause = _first_rank_failure(error)
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise CheckpointError(f"{label}: {folder.name}/ could not be loaded into this model "
-                              f"({type(error).__name__}: {detail[:400]})") from error
+                              f"({type(cause).__name__}: {detail[:400]})") from error
+
+
+def _first_rank_failure(error: BaseException) -> BaseException:
+    """The exception a rank raised inside torch's CheckpointException (whose own message is only the rank list)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        first = first[0] if isinstance(first, tuple) and first else first
+        if isinstance(first, BaseException):
+            return first
+    return error
 
 
 def free_bytes(path: Path) -> Optional[int]:

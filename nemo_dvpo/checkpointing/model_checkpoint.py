@@ -232,6 +232,45 @@ def _adapt_for_merge(model: list[torch.nn.Module], saved_lora: dict, folder: Pat
     return flags
 
 
+def _without_absent_extra_state(sharded_state_dict: dict, folder: Path) -> dict:
+    """``sharded_state_dict`` less the Transformer Engine ``_extra_state`` objects that ``folder`` does not hold.
+
+    A TE-spec model asks for one ``_extra_state`` object per TE module (FP8 scaling state; empty in bf16/fp32). A
+    checkpoint written under the local spec (every CPU run) holds those of the linear layers (megatron's local
+    linear layers save an empty one under the same names) but not the one of TE's attention module, and
+    megatron-core's torch_dist loader treats a requested key that the checkpoint lacks as an error. Megatron-Bridge's weights-only load discards
+    the extra state too (``delete_extra_state``); here it is not requested at all, so the module keeps the state it
+    was built with. Weights are never dropped: a missing weight still fails the load.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from torch.distributed.checkpoint import FileSystemReader
+
+    def requested(value) -> bool:
+        return not (isinstance(value, ShardedObject) and value.key.endswith("_extra_state")
+                    and value.unique_key not in saved_keys)
+
+    def prune(node):
+        if isinstance(node, dict):
+            return {name: prune(value) for name, value in node.items() if requested(value)}
+        return node
+
+    if not any(isinstance(value, ShardedObject) for value in _nested_values(sharded_state_dict)):
+        return sharded_state_dict
+    try:
+        saved_keys = set(FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+    except Exception:  # an unreadable checkpoint: load_distributed names the damage
+        return sharded_state_dict
+    return prune(sharded_state_dict)
+
+
+def _nested_values(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _nested_values(value)
+    else:
+        yield node
+
+
 def load_sharded_weights(model: list[torch.nn.Module], folder: Path, strict: bool = True) -> None:
     """Collective: load a distributed checkpoint into ``model`` at the current TP/PP layout.
 
@@ -250,8 +289,8 @@ def load_sharded_weights(model: list[torch.nn.Module], folder: Path, strict: boo
     # (a GVM at another TP size) would otherwise be validated against the global layout's.
     metadata = {"dp_cp_group": module.pg_collection.dp_cp}
     with torch.no_grad():
-        state_dict = load_distributed(module.sharded_state_dict(metadata=metadata), Path(folder),
-                                      label=str(Path(folder).parent))
+        sharded_state_dict = _without_absent_extra_state(module.sharded_state_dict(metadata=metadata), Path(folder))
+        state_dict = load_distributed(sharded_state_dict, Path(folder), label=str(Path(folder).parent))
         missing, unexpected = module.load_state_dict(state_dict, strict=False)
     # TE layers carry "_extra_state" entries that a local-spec checkpoint does not have.
     missing = [key for key in missing if not key.endswith("_extra_state")]

@@ -245,7 +245,16 @@ def _prime_adam_state(optimizer) -> None:
     """
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         torch_optimizer = getattr(inner, "optimizer", None)
+        if torch_optimizer is None:
+            continue
         if not isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            # With CUDA the Adam is Transformer Engine's (or apex's) FusedAdam, which keeps its step in the param
+            # groups; megatron-core's own initializer gives its empty per-parameter state the zero moments, as
+            # megatron does itself before loading into a fresh optimizer.
+            init_state_fn = getattr(inner, "init_state_fn", None)
+            if callable(init_state_fn) and any(not torch_optimizer.state[param] for group in torch_optimizer.param_groups
+                                               for param in group["params"]):
+                init_state_fn(torch_optimizer, getattr(inner, "config", None))
             continue
         for group in torch_optimizer.param_groups:
             for param in group["params"]:

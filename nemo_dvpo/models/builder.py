@@ -39,6 +39,21 @@ def use_transformer_engine() -> bool:
     return torch.cuda.is_available() and cpu_compat.transformer_engine_available()
 
 
+def layer_spec_for(kind: str) -> Callable:
+    """The layer-spec function of ``kind``: "te" (Transformer Engine: fused layer-norm + linear, TE attention;
+    needs CUDA and TE) or "local" (megatron-core's own modules with nemo_dvpo.models.attention's). Passed as
+    ``build_gpt_model(..., transformer_layer_spec=layer_spec_for(kind))`` it overrides the automatic choice, so
+    one process can build both and compare them (benchmarks/gpu_acceptance.py)."""
+    if kind == "local":
+        return local_layer_spec
+    if kind == "te":
+        if not use_transformer_engine():
+            raise ConfigError("the Transformer Engine layer spec needs CUDA and transformer_engine; "
+                              "this machine has " + ("no CUDA" if not torch.cuda.is_available() else "no TE"))
+        return _bridge_classes()[2]
+    raise ConfigError(f"unknown layer spec {kind!r}; choose 'te' or 'local'")
+
+
 def resolve_hf_config(model_cfg: ModelConfig):
     """The HF config to build from: the source's own when weights are loaded, else the preset's."""
     if not model_cfg.loads_weights:
@@ -92,13 +107,12 @@ def params_dtype(precision: str) -> torch.dtype:
 def make_provider(hf_config, model_cfg: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                   seq_length: Optional[int] = None, **overrides: Any):
     """A finalized megatron-bridge ``GPTModelProvider`` for the current parallel layout."""
-    _, _, te_layer_spec = _bridge_classes()
     provider = make_bridge(hf_config).to_megatron_provider(load_weights=False)
     provider.tensor_model_parallel_size = tensor_parallel
     provider.pipeline_model_parallel_size = pipeline_parallel
     provider.sequence_parallel = False
     provider.seq_length = seq_length or min(model_cfg.max_position_embeddings, 4096)
-    provider.transformer_layer_spec = te_layer_spec if use_transformer_engine() else local_layer_spec
+    provider.transformer_layer_spec = layer_spec_for("te" if use_transformer_engine() else "local")
     provider.bf16 = model_cfg.precision == "bf16"
     provider.fp16 = model_cfg.precision == "fp16"
     provider.params_dtype = params_dtype(model_cfg.precision)
