@@ -45,16 +45,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(script: str, ready_path: str, *overrides: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """``examples/<script>`` on a free loopback port; returns the process and its address once ``ready_path``
-    answers."""
+def start_server(script: str, ready_path: str, *overrides: str, log: Path | None = None,
+                 repo: Path = REPO_ROOT) -> tuple[subprocess.Popen, str]:
+    """``examples/<script>`` of the checkout ``repo`` (its own nemo_dvpo first on the path: another checkout, e.g. a
+    ``git worktree`` of an older commit, can be measured with this one's client) on a free loopback port; returns
+    the process and its address once ``ready_path`` answers."""
+    import os
     import urllib.error
     import urllib.request
 
     port = free_port()
     output = open(log, "w") if log else subprocess.DEVNULL
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen([sys.executable, f"examples/{script}", f"server.port={port}", *overrides],
-                               cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
+                               cwd=repo, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -69,9 +73,11 @@ def start_server(script: str, ready_path: str, *overrides: str, log: Path | None
     raise RuntimeError(f"{script} did not become ready")
 
 
-def start_gvm_server(gvm: str, *overrides: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """``examples/serve_gvm.py`` on a free loopback port; returns the process and its URL once it is ready."""
-    return start_server("serve_gvm.py", "/v2/health/ready", f"gvm={gvm}", *overrides, log=log)
+def start_gvm_server(gvm: str, *overrides: str, log: Path | None = None,
+                     repo: Path = REPO_ROOT) -> tuple[subprocess.Popen, str]:
+    """``examples/serve_gvm.py`` (of the checkout ``repo``) on a free loopback port; returns the process and its URL
+    once it is ready."""
+    return start_server("serve_gvm.py", "/v2/health/ready", f"gvm={gvm}", *overrides, log=log, repo=repo)
 
 
 def stop_process(process: subprocess.Popen) -> None:

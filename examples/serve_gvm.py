@@ -5,7 +5,8 @@
     NEMO_DVPO_GVM_TOKEN=secret python examples/serve_gvm.py gvm=... server.host=0.0.0.0   # beyond loopback
 
 The server is nemo_dvpo/serving/gvm_server.py (endpoints, batching, shutdown); settings and defaults are
-its dataclasses (conf/serve_gvm.yaml). SIGTERM or Ctrl-C answers the requests in flight, then every rank exits.
+its dataclasses (nemo_dvpo/conf/serve_gvm.yaml). SIGTERM or Ctrl-C answers the requests in flight, then every
+rank exits.
 """
 
 import hydra
@@ -15,11 +16,12 @@ from nemo_dvpo.serving.gvm_server import ServeGVMConfig, serve
 from nemo_dvpo.serving.http import serve_main
 from nemo_dvpo.utils.config import register_defaults
 from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.paths import CONF_DIR
 
 register_defaults("serve_gvm_defaults", ServeGVMConfig)
 
 
-@hydra.main(config_path="../conf", config_name="serve_gvm", version_base=None)
+@hydra.main(config_path=str(CONF_DIR), config_name="serve_gvm", version_base=None)
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     serve_main(cfg, ServeGVMConfig, "serve_gvm", serve)

@@ -6,7 +6,7 @@
     NEMO_DVPO_POLICY_TOKEN=secret python examples/serve_policy.py policy=... server.host=0.0.0.0   # beyond loopback
 
 The server is nemo_dvpo/serving/openai_server.py (endpoints, batching, shutdown); settings and defaults are
-its dataclasses (conf/serve_policy.yaml). The ``openai`` client and tools/eval_benchmarks.py
+its dataclasses (nemo_dvpo/conf/serve_policy.yaml). The ``openai`` client and tools/eval_benchmarks.py
 (``--answers-from``, ``--judge-base-url``) talk to it. SIGTERM or Ctrl-C answers the requests in flight,
 then every rank exits.
 """
@@ -18,11 +18,12 @@ from nemo_dvpo.serving.http import serve_main
 from nemo_dvpo.serving.openai_server import ServePolicyConfig, serve
 from nemo_dvpo.utils.config import register_defaults
 from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.paths import CONF_DIR
 
 register_defaults("serve_policy_defaults", ServePolicyConfig)
 
 
-@hydra.main(config_path="../conf", config_name="serve_policy", version_base=None)
+@hydra.main(config_path=str(CONF_DIR), config_name="serve_policy", version_base=None)
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     serve_main(cfg, ServePolicyConfig, "serve_policy", serve)

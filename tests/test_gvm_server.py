@@ -145,10 +145,13 @@ def test_a_sequence_gets_the_same_bits_alone_padded_or_merged_with_concurrent_re
 
 
 def _metric(server: Server, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(server.url + "/metrics") as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
+        for family in text_string_to_metric_families(response.read().decode()):
+            for sample in family.samples:
+                if sample.name == name and not sample.labels:
+                    return sample.value
     raise AssertionError(f"no metric {name}")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from nemo_dvpo.inference.generation import SamplingConfig, generate
 
@@ -46,9 +46,13 @@ def room_for_reply(prompt_length: int, max_length: int) -> int:
 
 
 def complete(policy, requests: Sequence[CompletionRequest], sampling: SamplingConfig,
-             slice_tokens: Optional[int] = None) -> list[Completion]:
+             slice_tokens: Optional[int] = None,
+             on_token: Optional[Callable[[int, int], None]] = None) -> list[Completion]:
     """Replies to ``requests`` (every prompt must leave room for one token: see :func:`room_for_reply`),
-    each at most ``slice_tokens`` tokens longer than its ``reply_ids`` if given (see the module docstring)."""
+    each at most ``slice_tokens`` tokens longer than its ``reply_ids`` if given (see the module docstring).
+
+    ``on_token(index, token_id)``, if given, is called as each request's reply draws a token (within its
+    ``max_tokens``; a stop string is only cut from the returned text), so that a server can stream it."""
     contexts = [request.prompt_ids + request.reply_ids for request in requests]
     longest = max(len(context) for context in contexts)
     max_new_tokens = min(max(request.max_tokens - len(request.reply_ids) for request in requests),
@@ -58,7 +62,19 @@ def complete(policy, requests: Sequence[CompletionRequest], sampling: SamplingCo
     if max_new_tokens < 1:
         raise ValueError(f"a prompt of {longest} tokens leaves no room for a reply within {policy.max_length}")
     sampling = dataclasses.replace(sampling, max_new_tokens=max_new_tokens, stop_on_eos=True)
-    output = generate(policy.model, policy.tokenizer, contexts, sampling, eos_token_ids=policy.eos_token_ids or None)
+    # The batch runs to its longest reply: a row's tokens past its own max_tokens are dropped below, so they are
+    # not announced either.
+    room = [request.max_tokens - len(request.reply_ids) for request in requests]
+    drawn = [0] * len(requests)
+
+    def announce(rows: list[int], tokens: list[int]) -> None:
+        for row, token in zip(rows, tokens):
+            if drawn[row] < room[row]:
+                drawn[row] += 1
+                on_token(row, token)
+
+    output = generate(policy.model, policy.tokenizer, contexts, sampling, eos_token_ids=policy.eos_token_ids or None,
+                      on_step=announce if on_token is not None else None)
     completions = []
     for row, request in enumerate(requests):
         new_ids = output.response_token_ids(row)[:request.max_tokens - len(request.reply_ids)]
@@ -71,7 +87,7 @@ def complete(policy, requests: Sequence[CompletionRequest], sampling: SamplingCo
             finish_reason = "length"
         else:
             finish_reason = None  # cut by this call's batch or slice budget: it continues
-        cut = _first_stop(text, request.stop)
+        cut = first_stop(text, request.stop)
         if cut is not None:
             text, finish_reason = text[:cut], "stop"
         completions.append(Completion(text=text, finish_reason=finish_reason, prompt_tokens=len(request.prompt_ids),
@@ -79,6 +95,6 @@ def complete(policy, requests: Sequence[CompletionRequest], sampling: SamplingCo
     return completions
 
 
-def _first_stop(text: str, stop: Sequence[str]) -> Optional[int]:
+def first_stop(text: str, stop: Sequence[str]) -> Optional[int]:
     positions = [text.find(string) for string in stop if string and string in text]
     return min(positions) if positions else None

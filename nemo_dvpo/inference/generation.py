@@ -27,7 +27,7 @@ sampling generator, so every rank draws the same tokens and returns the same out
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
@@ -161,6 +161,10 @@ class _EngineTokenizer:
         return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 
+# ``on_step(rows, tokens)``: after a decoding step, the rows that drew a token and the tokens they drew.
+StepCallback = Callable[[list[int], list[int]], None]
+
+
 class _SamplingController(TextGenerationController):
     """The static-batch controller with our sampler and stop rule, recording each response.
 
@@ -171,9 +175,10 @@ class _SamplingController(TextGenerationController):
     """
 
     def __init__(self, inference_wrapped_model, tokenizer, sampling: SamplingConfig, vocab_size: int,
-                 eos_token_ids: list[int], batch_size: int):
+                 eos_token_ids: list[int], batch_size: int, on_step: Optional[StepCallback] = None):
         super().__init__(inference_wrapped_model, tokenizer)
         self.sampling = sampling
+        self.on_step = on_step
         self.vocab_size = vocab_size
         self.sampling_rng.manual_seed(sampling.seed)
         device = _device()
@@ -208,6 +213,8 @@ class _SamplingController(TextGenerationController):
         self.response_tokens[rows, columns] = new_tokens[rows]
         self.response_logprobs[rows, columns] = self._step_logprobs[rows]
         self.response_lengths[rows] += 1
+        if self.on_step is not None:
+            self.on_step(rows.tolist(), new_tokens[rows].tolist())
         finished = self.response_lengths >= self.sampling.max_new_tokens
         if self.sampling.stop_on_eos:
             finished |= active & torch.isin(new_tokens, self.eos_token_ids)
@@ -286,13 +293,15 @@ def _single_module(model) -> torch.nn.Module:
 
 
 def generate(model, tokenizer, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
-             eos_token_ids: Optional[Sequence[int]] = None) -> GenerationOutput:
+             eos_token_ids: Optional[Sequence[int]] = None, on_step: Optional[StepCallback] = None) -> GenerationOutput:
     """Generate a response for every prompt; call collectively on all ranks of the model-parallel group.
 
     ``model`` is what :func:`nemo_dvpo.models.builder.build_gpt_model` returns (or its one module).
     ``eos_token_ids`` overrides ``sampling.eos_token_ids``; with neither, the tokenizer's EOS id ends a
     response. All prompts form one static batch (the KV cache holds batch x (longest prompt +
     ``max_new_tokens``) positions). The model is left in the train/eval mode it came in.
+    ``on_step(rows, tokens)``, if given, is called after each decoding step with the rows that drew a token and
+    those tokens (a server streams replies from it).
     """
     module = _single_module(model)
     prompts = [list(map(int, prompt)) for prompt in prompt_token_ids]
@@ -342,7 +351,7 @@ def generate(model, tokenizer, prompt_token_ids: Sequence[Sequence[int]], sampli
     if len(first_row) < len(prompts):
         wrapper.repeat_of = torch.tensor(repeat_of, dtype=torch.long)
     controller = _SamplingController(wrapper, _EngineTokenizer(tokenizer, pad_token_id), sampling, vocab_size,
-                                     eos_ids, len(prompts))
+                                     eos_ids, len(prompts), on_step=on_step)
     # Only the length matters to the loop: sampling and stopping happen in the controller above.
     params = SamplingParams(num_tokens_to_generate=sampling.max_new_tokens)
     requests = {index: InferenceRequest(request_id=index, prompt="", prompt_tokens=prompt, sampling_params=params)
@@ -354,7 +363,7 @@ def generate(model, tokenizer, prompt_token_ids: Sequence[Sequence[int]], sampli
         module.train(was_training)
         _forget_inference_rotary_tables()
 
-    return _assemble(prompts, controller.response_tokens.cpu(), controller.response_logprobs.cpu(),
+    return assemble_output(prompts, controller.response_tokens.cpu(), controller.response_logprobs.cpu(),
                      controller.response_lengths.cpu(), pad_token_id, tokenizer)
 
 
@@ -371,8 +380,9 @@ def _forget_inference_rotary_tables() -> None:
     RotaryEmbedding.forward.cache_clear()
 
 
-def _assemble(prompts: list[list[int]], response_tokens: torch.Tensor, response_logprobs: torch.Tensor,
-              response_lengths: torch.Tensor, pad_token_id: int, tokenizer) -> GenerationOutput:
+def assemble_output(prompts: list[list[int]], response_tokens: torch.Tensor, response_logprobs: torch.Tensor,
+                    response_lengths: torch.Tensor, pad_token_id: int, tokenizer) -> GenerationOutput:
+    """The :class:`GenerationOutput` of prompts and each row's response tokens and log-probs (any engine's)."""
     prompt_lengths = torch.tensor([len(prompt) for prompt in prompts], dtype=torch.long)
     total_lengths = prompt_lengths + response_lengths
     batch_size, seq_length = len(prompts), int(total_lengths.max())

@@ -1,6 +1,10 @@
 """The DVPO actor's side of a served GVM: :class:`RemoteGVM`, a :class:`~nemo_dvpo.rlhf.scorers.ValueScorer`
 over HTTP (``gvm=http://host:port``, several URLs comma-separated).
 
+The calls are tritonclient's Open Inference Protocol client (``tritonclient.http``: binary tensors, kept-alive
+connections), so the actor speaks to the server exactly as any Triton client does; what is ours is the
+policy around them, which tritonclient does not have.
+
 One rank per model-parallel group talks to the server and broadcasts the values (or the failure) to the
 rest of its group, so no rank waits in a collective that another left; data-parallel ranks send their
 own rollouts. Requests rotate over the URLs; a replica that fails is skipped for the next one, and after
@@ -12,11 +16,8 @@ is not retried: the request itself is wrong.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,7 +26,6 @@ import torch
 
 from nemo_dvpo.rlhf.scorers import ScorerInfo, ScorerUnavailable
 from nemo_dvpo.serving.gvm_server import MODEL_NAME, info_from_metadata
-from nemo_dvpo.serving.kserve import HEADER_LENGTH, infer_request_body, parse_infer_response
 from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
 
 
@@ -65,50 +65,69 @@ def parse_urls(gvm: str) -> list[str]:
     return urls
 
 
-class _HTTPError(Exception):
+class _CallFailed(Exception):
     def __init__(self, message: str, retry: bool):
         super().__init__(message)
         self.retry = retry
 
 
+def _transport_faults() -> tuple[type[BaseException], ...]:
+    """What a call through tritonclient raises when the server cannot be reached or answers nonsense (gevent's
+    Timeout is a BaseException: a network timeout of geventhttpclient)."""
+    import http.client
+
+    import gevent
+    from tritonclient.utils import InferenceServerException
+
+    return InferenceServerException, OSError, ValueError, http.client.HTTPException, gevent.Timeout
+
+
 class GVMClient:
-    """HTTP calls to one or more GVM servers, with the retry policy of the module docstring."""
+    """Calls to one or more GVM servers through tritonclient's Open Inference Protocol client (binary tensors),
+    with the retry policy of the module docstring."""
 
     def __init__(self, urls: list[str], config: GVMClientConfig):
         self.urls, self.config = urls, config
         token = os.environ.get(config.token_env)
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.headers = {"Authorization": f"Bearer {token}"} if token else None
         self._next = itertools.cycle(range(len(urls)))
+        self._clients: dict[tuple[str, float], object] = {}
 
-    def _call(self, url: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None,
-              timeout: Optional[float] = None) -> tuple[bytes, dict]:
-        request = urllib.request.Request(url + path, data=body, headers={**self.headers, **(headers or {})},
-                                         method="POST" if body is not None else "GET")
+    def _client(self, url: str, timeout: float):
+        """tritonclient's HTTP client for ``url`` whose calls give up after ``timeout`` seconds (one per URL and
+        timeout, its connections kept alive between calls)."""
+        import tritonclient.http as triton
+
+        if (url, timeout) not in self._clients:
+            secure = url.startswith("https://")
+            self._clients[url, timeout] = triton.InferenceServerClient(
+                url.split("://", 1)[1], ssl=secure, connection_timeout=timeout, network_timeout=timeout)
+        return self._clients[url, timeout]
+
+    def _call(self, url: str, what, timeout: Optional[float] = None):
+        """``what(client)`` with the client for ``url``; a failure becomes :class:`_CallFailed`, retried unless
+        the server refused the request itself (a 4xx other than 429)."""
+        from tritonclient.utils import InferenceServerException
+
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.config.timeout_s) as response:
-                return response.read(), dict(response.headers)
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")
-            try:
-                detail = json.loads(detail).get("error", detail)
-            except (json.JSONDecodeError, AttributeError):
-                pass
-            raise _HTTPError(f"HTTP {error.code}: {detail}", retry=error.code >= 500 or error.code == 429) from None
-        except (urllib.error.URLError, OSError, TimeoutError) as error:
-            reason = getattr(error, "reason", error)
-            raise _HTTPError(f"{type(reason).__name__}: {reason}", retry=True) from None
+            return what(self._client(url, timeout or self.config.timeout_s))
+        except _transport_faults() as error:
+            if isinstance(error, InferenceServerException):
+                status = int(error.status()) if (error.status() or "").isdigit() else None
+                retry = status is None or status >= 500 or status == 429
+                raise _CallFailed(f"HTTP {status}: {error.message()}" if status else str(error), retry) from None
+            raise _CallFailed(f"{type(error).__name__}: {error}", retry=True) from None
 
-    def with_retries(self, path: str, body: Optional[bytes] = None,
-                     headers: Optional[dict] = None) -> tuple[bytes, dict]:
-        """The first successful answer (body, headers) from any URL, rotating over them; raises
+    def with_retries(self, what):
+        """The first successful ``what(client)`` from any URL, rotating over them; raises
         :class:`ScorerUnavailable` when every round failed."""
         started, wait, last = time.monotonic(), self.config.backoff_s, ""
         for attempt in range(self.config.max_retries + 1):
             for _ in range(len(self.urls)):
                 url = self.urls[next(self._next)]
                 try:
-                    return self._call(url, path, body, headers)
-                except _HTTPError as error:
+                    return self._call(url, what)
+                except _CallFailed as error:
                     if not error.retry:
                         raise NemoDvpoError(f"the GVM server at {url} refused the request: {error}") from None
                     last = f"{url}: {error}"
@@ -129,11 +148,12 @@ class GVMClient:
         while True:
             for url in self.urls:
                 try:
-                    self._call(url, "/v2/health/ready", timeout=10)
-                    if next_notice > started:  # it had to wait: say when it stopped
-                        print(f"[gvm_client] {url} is ready after {time.monotonic() - started:.0f} s", flush=True)
-                    return
-                except _HTTPError as error:
+                    if self._call(url, lambda client: client.is_server_ready(headers=self.headers), timeout=10):
+                        if next_notice > started:  # it had to wait: say when it stopped
+                            print(f"[gvm_client] {url} is ready after {time.monotonic() - started:.0f} s", flush=True)
+                        return
+                    last = f"{url}: not ready yet (the model is loading)"
+                except _CallFailed as error:
                     last = f"{url}: {error}"
             now = time.monotonic()
             if now > deadline:
@@ -150,21 +170,28 @@ class GVMClient:
         infos = []
         for url in self.urls:
             try:
-                body, _ = self._call(url, f"/v2/models/{MODEL_NAME}", timeout=30)
-            except _HTTPError as error:
+                metadata = self._call(url, lambda client: client.get_model_metadata(MODEL_NAME, headers=self.headers),
+                                      timeout=30)
+            except _CallFailed as error:
                 raise ScorerUnavailable(f"cannot read the model metadata of {url}: {error}") from None
-            infos.append(info_from_metadata(json.loads(body), url))
+            infos.append(info_from_metadata(metadata, url))
         fingerprints = {(info.tokenizer_fingerprint, info.checkpoint.split(" (", 1)[1]) for info in infos}
         if len(fingerprints) > 1:
             raise ConfigError(f"the GVM servers {', '.join(self.urls)} serve different GVMs")
         return infos[0]
 
     def values(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        body, headers = infer_request_body({"tokens": tokens.astype(np.int64), "lengths": lengths.astype(np.int64)})
-        answer, answer_headers = self.with_retries(f"/v2/models/{MODEL_NAME}/infer", body, headers)
-        header_length = next((value for name, value in answer_headers.items() if name.lower() == HEADER_LENGTH.lower()),
-                             None)
-        return parse_infer_response(answer, header_length)["values"]
+        import tritonclient.http as triton
+
+        inputs = []
+        for name, array in (("tokens", tokens), ("lengths", lengths)):
+            tensor = triton.InferInput(name, list(array.shape), "INT64")
+            tensor.set_data_from_numpy(np.ascontiguousarray(array, dtype=np.int64), binary_data=True)
+            inputs.append(tensor)
+        outputs = [triton.InferRequestedOutput("values", binary_data=True)]
+        result = self.with_retries(
+            lambda client: client.infer(MODEL_NAME, inputs, outputs=outputs, headers=self.headers))
+        return result.as_numpy("values")
 
 
 class RemoteGVM:

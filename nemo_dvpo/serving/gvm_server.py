@@ -3,7 +3,7 @@
     python examples/serve_gvm.py gvm=runs/gvm/final server.port=8000
     torchrun --nproc-per-node 4 examples/serve_gvm.py gvm=... parallel.tensor_model_parallel_size=2
 
-Endpoints (Triton's / PyTriton's HTTP API, so their clients work):
+Endpoints (Triton's / PyTriton's HTTP API, so their clients work - tritonclient's is the DVPO actor's), on FastAPI:
 
 * ``GET /v2/health/live``, ``GET /v2/health/ready`` - the process is up / the model is loaded;
 * ``GET /v2``, ``GET /v2/models/gvm`` - server and model metadata; the model's ``parameters`` carry the
@@ -12,7 +12,7 @@ Endpoints (Triton's / PyTriton's HTTP API, so their clients work):
 * ``POST /v2/models/gvm/infer`` - inputs ``tokens`` (INT64 [batch, length], right-padded) and ``lengths``
   (INT64 [batch]), output ``values`` (FP32 [batch, length], 0 past each row's length); JSON or binary
   tensors;
-* ``GET /metrics`` - Prometheus counters and histograms (requests, batch sizes, latency).
+* ``GET /metrics`` - Prometheus counters and histograms (requests, batch sizes, latency), from ``prometheus_client``.
 
 Concurrent requests that arrive within ``server.max_delay_ms`` of each other are merged into one model
 batch of up to ``server.max_batch_tokens`` tokens. Every sequence is scored in a shape fixed by its own
@@ -24,25 +24,31 @@ Under torchrun or srun, rank 0 of each model-parallel group serves HTTP (on ``se
 group's data-parallel rank: data-parallel replicas are separate endpoints) and broadcasts each batch to
 the other ranks of its group, which run the model with it.
 
+The tensors' wire format (JSON or binary, :mod:`nemo_dvpo.serving.kserve`) is decoded by hand rather than by a
+pydantic model: binary tensors follow the JSON header in the same body, and a tensor's checks (shape against
+data, nesting, datatype, byte counts) are what the 400s name.
+
 This module owns the settings, the endpoints, the validation of a request, the metrics and the batching
-policy (a token budget); the HTTP front and handler plumbing, the request queue and its run loop, and the
-leader/follower loop across model-parallel ranks are :mod:`nemo_dvpo.serving.http`'s, shared with the
+policy (a token budget); the app's error handling, the uvicorn front, the request queue and its run loop, and
+the leader/follower loop across model-parallel ranks are :mod:`nemo_dvpo.serving.http`'s, shared with the
 policy server.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import numpy as np
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from nemo_dvpo.serving import http
-from nemo_dvpo.serving.http import (BatchingService, JSONHandler, ModelParallelRunner, Pending, check_server_settings,
-                                    model_parallel_group, serve_until_stopped, server_token)
+from nemo_dvpo.serving.http import (BatchingService, ModelParallelRunner, Pending, authorize, check_server_settings,
+                                    json_api, model_parallel_group, read_body, serve_until_stopped, server_token)
 from nemo_dvpo.serving.kserve import HEADER_LENGTH, RequestError, infer_response, parse_infer_request
 from nemo_dvpo.utils.distributed import ParallelConfig
 from nemo_dvpo.utils.errors import ConfigError
@@ -92,59 +98,40 @@ class ServeGVMConfig:
 # -- metrics -----------------------------------------------------------------------------------------------
 
 
-class _Histogram:
-    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]):
-        self.name, self.help, self.buckets = name, help_text, buckets
-        self.counts = [0] * len(buckets)
-        self.total, self.count = 0.0, 0
-
-    def observe(self, value: float) -> None:
-        for index, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[index] += 1
-        self.total += value
-        self.count += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        lines += [f'{self.name}_bucket{{le="{bound}"}} {count}' for bound, count in zip(self.buckets, self.counts)]
-        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.total}",
-                  f"{self.name}_count {self.count}"]
-        return lines
-
-
 class ServerMetrics:
-    """Prometheus exposition of what the server did (text format 0.0.4)."""
+    """What the server did, in Prometheus' exposition format (``prometheus_client``, a registry per server)."""
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: dict[int, int] = {}
-        self.sequences = 0
-        self.batch_sequences = _Histogram("gvm_batch_sequences", "Sequences per model batch",
-                                          (1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.latency = _Histogram("gvm_request_latency_seconds", "Inference request latency",
-                                  (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("gvm_requests", "Inference requests by HTTP status", ["status"], registry=self.registry)
+        self.sequences_total = Counter("gvm_sequences", "Sequences scored", registry=self.registry)
+        self.batch_sequences = Histogram("gvm_batch_sequences", "Sequences per model batch",
+                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.latency = Histogram("gvm_request_latency_seconds", "Inference request latency",
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                 registry=self.registry)
 
     def request(self, status: int, seconds: Optional[float] = None, sequences: int = 0) -> None:
-        with self.lock:
-            self.requests[status] = self.requests.get(status, 0) + 1
-            self.sequences += sequences
-            if seconds is not None:
-                self.latency.observe(seconds)
+        self.requests.labels(status=str(status)).inc()
+        self.sequences_total.inc(sequences)
+        if seconds is not None:
+            self.latency.observe(seconds)
 
     def batch(self, sequences: int) -> None:
-        with self.lock:
-            self.batch_sequences.observe(sequences)
+        self.batch_sequences.observe(sequences)
 
-    def render(self) -> str:
-        with self.lock:
-            lines = ["# HELP gvm_requests_total Inference requests by HTTP status", "# TYPE gvm_requests_total counter"]
-            lines += [f'gvm_requests_total{{status="{status}"}} {count}'
-                      for status, count in sorted(self.requests.items())]
-            lines += ["# HELP gvm_sequences_total Sequences scored", "# TYPE gvm_sequences_total counter",
-                      f"gvm_sequences_total {self.sequences}"]
-            lines += self.batch_sequences.render() + self.latency.render()
-        return "\n".join(lines) + "\n"
+    @property
+    def sequences(self) -> int:
+        """Sequences scored so far."""
+        return int(self.registry.get_sample_value("gvm_sequences_total"))
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition body and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 # -- the batching service ----------------------------------------------------------------------------------
@@ -202,8 +189,12 @@ class ValueService(BatchingService):
         return tokens, lengths
 
     def submit(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Called from an HTTP thread: wait for this request's values."""
+        """Called from a thread: wait for this request's values."""
         return self._wait_for(_Pending(tokens, lengths))
+
+    async def values(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Called on the event loop: wait for this request's values."""
+        return await self.wait(_Pending(tokens, lengths))
 
     def batches_from(self, first: _Pending) -> Iterator[list[_Pending]]:
         batch, tokens = [first], int(first.lengths.sum())
@@ -239,70 +230,85 @@ class ValueService(BatchingService):
 # -- HTTP --------------------------------------------------------------------------------------------------
 
 
-def make_handler(service: ValueService, model_metadata: Callable[[], dict], token: Optional[str]):
-    """A request handler class bound to ``service``."""
+_INLINE_BYTES = 2**18  # tensors up to this size are decoded and encoded on the event loop (well under 1 ms)
 
-    class Handler(JSONHandler):
-        server_version = "nemo_dvpo-gvm"
-        bearer_token = token
-        max_body_bytes = service.config.max_body_bytes
 
-        def _body_too_large(self) -> None:
-            service.metrics.request(413)
+async def _work(in_thread: bool, function: Callable, *arguments):
+    return await run_in_threadpool(function, *arguments) if in_thread else function(*arguments)
 
-        def _get(self) -> None:
-            path, ready = self._path(), self.server.ready
-            if path == "/v2/health/live":
-                return self._json(200, {"live": True})
-            if path == "/v2/health/ready":
-                return self._json(200 if ready.is_set() and service.accepting else 503,
-                                  {"ready": ready.is_set() and service.accepting})
-            if not self._authorized():
-                return None
-            if path == "/v2":
-                return self._json(200, {"name": "nemo_dvpo", "version": "1", "extensions": ["binary_tensor_data"]})
-            if path == f"/v2/models/{MODEL_NAME}":
-                if not ready.is_set():
-                    return self._error(503, "the model is still loading")
-                return self._json(200, model_metadata())
-            if path == f"/v2/models/{MODEL_NAME}/ready":
-                return self._json(200 if ready.is_set() else 503, {"ready": ready.is_set()})
-            if path == "/metrics":
-                return self._send(200, service.metrics.render().encode(), {"Content-Type": "text/plain; version=0.0.4"})
-            return self._error(404, f"no such endpoint: GET {path}")
 
-        def _post(self) -> None:
-            started = time.perf_counter()
-            path = self._path()
-            body = self._read_body()
-            if body is None or not self._authorized():
-                return None
-            if path.startswith("/v2/models/") and path.endswith("/infer") and path != f"/v2/models/{MODEL_NAME}/infer":
-                return self._error(404, f"no model {path.split('/')[3]!r}; this server serves '{MODEL_NAME}'")
-            if path != f"/v2/models/{MODEL_NAME}/infer":
-                return self._error(404, f"no such endpoint: POST {path}")
-            try:
-                if not self.server.ready.is_set():
-                    raise RequestError(503, "the model is still loading")
-                request = parse_infer_request(body, self.headers.get(HEADER_LENGTH))
-                tokens, lengths = service.validate(request.inputs)
-                values = service.submit(tokens, lengths)
-            except RequestError as error:
-                service.metrics.request(error.status)
-                return self._error(error.status, str(error))
-            body, headers = infer_response(MODEL_NAME, {"values": values}, request.id, request.binary_output)
-            service.metrics.request(200, time.perf_counter() - started, sequences=len(lengths))
-            return self._send(200, body, headers)
+def make_app(service: ValueService, model_metadata: Callable[[], dict], token: Optional[str]):
+    """The server's FastAPI app, bound to ``service``: the endpoints of the module docstring."""
+    app = json_api(title="nemo_dvpo GVM server")
+    ready = app.state.ready
 
-    return Handler
+    def serving() -> bool:
+        return ready.is_set() and service.accepting
+
+    @app.get("/v2/health/live")
+    def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    def server_ready():
+        return JSONResponse({"ready": serving()}, status_code=200 if serving() else 503)
+
+    @app.get("/v2")
+    def server_metadata(request: Request):
+        authorize(request, token)
+        return {"name": "nemo_dvpo", "version": "1", "extensions": ["binary_tensor_data"]}
+
+    @app.get(f"/v2/models/{MODEL_NAME}")
+    def metadata(request: Request):
+        authorize(request, token)
+        if not ready.is_set():
+            raise RequestError(503, "the model is still loading")
+        return model_metadata()
+
+    @app.get(f"/v2/models/{MODEL_NAME}/ready")
+    def model_ready(request: Request):
+        authorize(request, token)
+        return JSONResponse({"ready": ready.is_set()}, status_code=200 if ready.is_set() else 503)
+
+    @app.get("/metrics")
+    def metrics(request: Request):
+        authorize(request, token)
+        body, content_type = service.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.post("/v2/models/{model}/infer")
+    async def infer(model: str, request: Request):
+        started = time.perf_counter()
+        try:
+            authorize(request, token)
+            if model != MODEL_NAME:
+                raise RequestError(404, f"no model {model!r}; this server serves '{MODEL_NAME}'")
+            body = await read_body(request, service.config.max_body_bytes)
+            if not ready.is_set():
+                raise RequestError(503, "the model is still loading")
+            # Decoding and encoding a large body is CPU work for a worker thread, so that the event loop keeps
+            # answering meanwhile; a small one takes less than the hand-over to a thread would.
+            large = len(body) > _INLINE_BYTES
+            parsed = await _work(large, parse_infer_request, body, request.headers.get(HEADER_LENGTH))
+            tokens, lengths = await _work(large, service.validate, parsed.inputs)
+            values = await service.values(tokens, lengths)
+            answer, headers = await _work(values.nbytes > _INLINE_BYTES, infer_response, MODEL_NAME,
+                                          {"values": values}, parsed.id, parsed.binary_output)
+        except RequestError as error:
+            service.metrics.request(error.status)
+            raise
+        service.metrics.request(200, time.perf_counter() - started, sequences=len(lengths))
+        return Response(answer, headers=headers)
+
+    return app
 
 
 class HTTPFront(http.HTTPFront):
-    """The GVM's HTTP front: :func:`make_handler` for ``service`` in background threads."""
+    """The GVM's HTTP front: :func:`make_app` for ``service``, served in a background thread."""
 
     def __init__(self, service: ValueService, model_metadata: Callable[[], dict], host: str, port: int,
                  token: Optional[str]):
-        super().__init__(make_handler(service, model_metadata, token), host, port, name="gvm-http")
+        super().__init__(make_app(service, model_metadata, token), host, port, name="gvm-http")
 
 
 def model_metadata(info, max_length: int, config: ServerConfig) -> dict:

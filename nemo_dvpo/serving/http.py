@@ -1,18 +1,24 @@
-"""What the model servers share: the HTTP front, the handler plumbing, request batching and the model-parallel loop.
+"""What the model servers share: the HTTP front on FastAPI + uvicorn, request batching and the model-parallel loop.
 
 Both servers (:mod:`nemo_dvpo.serving.gvm_server`, the GVM over the Open Inference Protocol, and
 :mod:`nemo_dvpo.serving.openai_server`, a policy over the OpenAI API) are built the same way, from the parts
 here; each keeps its endpoints, request formats, error bodies and batching policy:
 
-* :class:`HTTPFront` - a threading HTTP server in background threads (daemon handler threads, a deep
-  listen backlog) that owns the ``ready`` flag and the :class:`InFlight` count, so that :meth:`HTTPFront.close`
-  waits for the answers being sent;
-* :class:`JSONHandler` - the handler plumbing: JSON and byte responses with a Content-Length, a request body
-  read under a size limit (411 without a Content-Length, 413 over the limit), the bearer-token check, no log
-  line per request; :func:`server_token` - the rule that a server beyond loopback needs a token;
-* :class:`BatchingService` - requests queued by HTTP threads and answered in batches by :meth:`BatchingService.run`
-  in the main thread (which alone may talk to the other ranks) until a stop is requested, then the queue is
-  drained; a subclass decides which queued requests join a batch and how a batch is answered;
+* :func:`json_api` - a FastAPI app whose every answer is JSON in the server's error shape: a
+  :class:`RequestError` with its status, an unknown path or method a 404 naming it, anything else a 500 naming
+  the exception (its traceback in the server's log); a client that hangs up is not an error (uvicorn drops the
+  answer); :func:`read_body` - a request body read under a size limit
+  (411 without a Content-Length, 413 over the limit, the connection then closed unread); :func:`authorize` - the
+  bearer-token check; :func:`server_token` - the rule that a server beyond loopback needs a token;
+* :class:`HTTPFront` - uvicorn serving the app from a background thread (its own event loop, a deep listen
+  backlog, no line per request), with the ``ready`` flag; :meth:`HTTPFront.close` stops accepting and waits for
+  the answers being sent. A request that is not valid HTTP (h11 refuses it before the app sees it: a malformed
+  Content-Length, a bad header) is answered 400 in the same JSON shape;
+* :class:`BatchingService` - requests queued by the endpoints (on the event loop, or by any thread) and
+  answered in batches by :meth:`BatchingService.run` in the main thread (which alone may talk to the other
+  ranks) until a stop is requested, then the queue is drained; a subclass decides which queued requests join a
+  batch and how a batch is answered. A request the service advances without finishing (a slice of a long reply)
+  tells its waiter so (:meth:`BatchingService.progress`), which is what streaming is made of;
 * :class:`ModelParallelRunner` - the leader of a model-parallel group broadcasts each batch to its group and
   the other ranks run the model with it, until the leader broadcasts stop;
 * :func:`serve_main` and :func:`serve_until_stopped` - an entry point's run: its config parsed, requests served
@@ -21,23 +27,24 @@ here; each keeps its endpoints, request formats, error bodies and batching polic
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import os
 import queue
 import re
+import socket
 import sys
 import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from nemo_dvpo.serving.kserve import RequestError
-from nemo_dvpo.utils.errors import ConfigError
+from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
 
 # -- settings and access -----------------------------------------------------------------------------------
 
@@ -76,178 +83,166 @@ def server_token(config) -> Optional[str]:
     return token
 
 
-# -- HTTP --------------------------------------------------------------------------------------------------
+# -- the app -----------------------------------------------------------------------------------------------
+
+ErrorPayload = Callable[[int, str], dict]  # (status, message) -> the JSON body of an error answer
+
+
+def plain_error(status: int, message: str) -> dict:
+    return {"error": message}
+
 
 _DECIMAL = re.compile(r"[0-9]{1,19}")  # a Content-Length: ASCII digits, at most 19 (an int64)
+_CLOSE = {"Connection": "close"}  # an answer after which the connection is closed (its request body was not read)
 
 
-class InFlight:
-    """Counts the requests being answered, so that a shutdown can wait for their responses to be sent."""
-
-    def __init__(self):
-        self.count = 0
-        self.changed = threading.Condition()
-
-    def __enter__(self):
-        with self.changed:
-            self.count += 1
-
-    def __exit__(self, *exc):
-        with self.changed:
-            self.count -= 1
-            self.changed.notify_all()
-        return False
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self.changed:
-            return self.changed.wait_for(lambda: self.count == 0, timeout=timeout)
-
-
-class _Server(ThreadingHTTPServer):
-    """A thread per connection; many clients connecting at once wait in the backlog rather than being refused."""
-
-    request_queue_size = 1024
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]):
-        self.ready = threading.Event()  # the model is loaded
-        self.in_flight = InFlight()
-        super().__init__(address, handler)
-
-    def handle_error(self, request, client_address) -> None:
-        """A client that hangs up is the client's business: one line, no traceback. Anything else reaching
-        here escaped :meth:`JSONHandler._guarded` - a server fault, logged with its traceback."""
-        error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, TimeoutError)):
-            print(f"[http] {client_address[0]}:{client_address[1]} went away ({type(error).__name__})",
-                  file=sys.stderr, flush=True)
-            return
-        super().handle_error(request, client_address)
-
-
-class JSONHandler(BaseHTTPRequestHandler):
-    """The plumbing of a JSON API's request handler; a server subclasses it with its endpoints.
-
-    A subclass sets ``bearer_token`` (None: no check) and ``max_body_bytes``, answers ``GET`` in :meth:`_get` and
-    ``POST`` in :meth:`_post` (counted in flight), and may shape its error bodies (:meth:`_error_payload`).
-    ``self.server.ready`` is set once the model is loaded. Every request gets an answer: a
-    :class:`RequestError` that escapes an endpoint is answered with its status, any other exception with a 500
-    naming it (and its traceback in the server's log); a client that hangs up is one line in the log.
-    """
-
-    protocol_version = "HTTP/1.1"
-    bearer_token: Optional[str] = None
-    max_body_bytes: int = 2**20
-
-    def log_message(self, format, *args):  # no line per request (a server counts its requests itself)
+def authorize(request, token: Optional[str]) -> None:
+    """Raise a 401 unless ``request`` carries ``Authorization: Bearer <token>`` (``token`` None: no check)."""
+    if token is None:
         return
+    given = request.headers.get("authorization", "")
+    if not (given.startswith("Bearer ") and hmac.compare_digest(given[len("Bearer "):].encode(), token.encode())):
+        raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer ...)")
 
-    def _path(self) -> str:
-        return self.path.split("?", 1)[0].rstrip("/")
 
-    def _send(self, status: int, body: bytes, headers: Optional[dict] = None) -> None:
-        self.answered = True
-        self.send_response(status)
-        for name, value in (headers or {"Content-Type": "application/json"}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+async def read_body(request, max_bytes: int) -> bytes:
+    """The request body, at most ``max_bytes``; 411 without a Content-Length of ASCII digits (a chunked body
+    too), 413 over the limit - both without reading the body, so the connection is closed after the answer."""
+    length = request.headers.get("content-length")
+    if length is None or not _DECIMAL.fullmatch(length):  # str.isdigit() takes '²' and other non-ASCII digits
+        raise RequestError(411, "a request body needs a Content-Length header", headers=_CLOSE)
+    if int(length) > max_bytes:
+        raise RequestError(413, f"the request body has {length} bytes, over the limit of {max_bytes} "
+                                "(server.max_body_bytes)", headers=_CLOSE)
+    return await request.body()  # h11 holds the client to its Content-Length
 
-    def _json(self, status: int, payload: dict) -> None:
-        self._send(status, json.dumps(payload).encode())
 
-    def _error_payload(self, status: int, message: str) -> dict:
-        return {"error": message}
+def json_api(error_payload: ErrorPayload = plain_error, title: str = "nemo_dvpo") -> Any:
+    """A FastAPI app whose every answer is JSON, errors in ``error_payload``'s shape (see the module docstring).
 
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, self._error_payload(status, message))
+    ``app.state.ready`` (a :class:`threading.Event`) is set once the model is loaded.
+    """
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
-    def _authorized(self) -> bool:
-        """Whether the request carries the bearer token; if not, it has been answered 401."""
-        if self.bearer_token is None:
-            return True
-        given = self.headers.get("Authorization", "")
-        if given.startswith("Bearer ") and hmac.compare_digest(given[len("Bearer "):], self.bearer_token):
-            return True
-        self._error(401, "missing or wrong bearer token (Authorization: Bearer ...)")
-        return False
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ready = threading.Event()
 
-    def _body_too_large(self) -> None:
-        """Called before a body over ``max_body_bytes`` is answered 413."""
+    def answer(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
+        return JSONResponse(error_payload(status, message), status_code=status, headers=headers)
 
-    def _read_body(self) -> Optional[bytes]:
-        """The request body; None once answered 411 (no Content-Length) or 413 (over ``max_body_bytes``)."""
-        length = self.headers.get("Content-Length")
-        if length is None or not _DECIMAL.fullmatch(length):  # str.isdigit() takes '²' and other non-ASCII digits
-            self.close_connection = True
-            self._error(411, "a request body needs a Content-Length header")
-            return None
-        if int(length) > self.max_body_bytes:
-            self.close_connection = True  # the body is not read
-            self._body_too_large()
-            self._error(413, f"the request body has {length} bytes, over the limit of "
-                             f"{self.max_body_bytes} (server.max_body_bytes)")
-            return None
-        return self.rfile.read(int(length))
+    @app.exception_handler(RequestError)
+    async def request_error(request, error: RequestError):
+        return answer(error.status, str(error), error.headers)
 
-    def _guarded(self, endpoint: Callable[[], None]) -> None:
-        self.answered = False
+    @app.exception_handler(HTTPException)
+    async def routing_error(request, error: HTTPException):  # no route, or a route without this method
+        return answer(404, f"no such endpoint: {request.method} {request.url.path.rstrip('/')}")
+
+    app.add_middleware(_ServerFaults, error_payload=error_payload)
+    app.state.error_payload = error_payload
+    return app
+
+
+class _ServerFaults:
+    """An exception that escapes an endpoint (a fault of the server's, not the client's) is answered 500 naming it,
+    and its traceback goes to the server's log; once the answer has started, the connection is all that can be
+    closed. (Starlette's own catch-all answers too, but then re-raises into uvicorn, which logs the traceback
+    only where logging is configured.)"""
+
+    def __init__(self, app, error_payload: ErrorPayload):
+        self.app, self.error_payload = app, error_payload
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            endpoint()
-        except (ConnectionError, TimeoutError):
-            raise  # the client went away: nothing to answer (one line: _Server.handle_error)
-        except RequestError as error:
-            self._answer_fault(error.status, str(error))
-        except Exception as error:  # a fault of the server's, not the client's: answer it, then log it
-            self._answer_fault(500, f"the server failed on this request: {type(error).__name__}: {error}")
+            await self.app(scope, receive, tracking_send)
+        except Exception as error:
             traceback.print_exc()
+            if started:
+                return  # uvicorn closes a connection whose answer was not completed
+            body = json.dumps(self.error_payload(
+                500, f"the server failed on this request: {type(error).__name__}: {error}")).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
 
-    def _answer_fault(self, status: int, message: str) -> None:
-        if self.answered:  # the response had started: the connection is all that can be closed
-            self.close_connection = True
-        else:
-            self._error(status, message)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._guarded(self._get)
+def _protocol_class(error_payload: ErrorPayload):
+    """uvicorn's h11 protocol, answering a request that is not valid HTTP/1.1 in the app's JSON error shape
+    (uvicorn's own answer is a plain-text line that names nothing)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        with self.server.in_flight:
-            self._guarded(self._post)
+    class JSONErrorH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            # Called while h11's RemoteProtocolError is being handled: it names what is wrong.
+            fault = sys.exc_info()[1]
+            reason = f"the request is not valid HTTP/1.1 ({fault or msg})"
+            body = json.dumps(error_payload(400, reason)).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
-    def _get(self) -> None:
-        self._error(404, f"no such endpoint: GET {self._path()}")
-
-    def _post(self) -> None:
-        self._error(404, f"no such endpoint: POST {self._path()}")
+    return JSONErrorH11Protocol
 
 
 class HTTPFront:
-    """The HTTP server in background threads; the model loop stays in the calling thread.
+    """uvicorn serving ``app`` (from :func:`json_api`) in a background thread; the model loop stays in the caller's.
 
-    ``ready`` (set it once the model is loaded) and ``in_flight`` are what ``handler`` reads as
-    ``self.server.ready`` and ``self.server.in_flight``.
+    The port is bound here, so a port in use fails at once with a :class:`ConfigError`; ``port`` is the bound
+    one (``port=0``: a free one). ``ready`` is ``app.state.ready``.
     """
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler], host: str, port: int, name: str = "http"):
+    def __init__(self, app, host: str, port: int, name: str = "http"):
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self.httpd = _Server((host, port), handler)
+            self.socket.bind((host, port))
         except OSError as error:
+            self.socket.close()
             raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
-        self.ready, self.in_flight = self.httpd.ready, self.httpd.in_flight
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name=name, daemon=True)
+        # Many clients connecting at once wait in the backlog rather than being refused.
+        self.socket.listen(1024)
+        self.port = self.socket.getsockname()[1]
+        self.ready = app.state.ready
+        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+                                http=_protocol_class(app.state.error_payload), timeout_graceful_shutdown=30,
+                                server_header=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, name=name,
+                                       daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+        while not self.server.started and self.thread.is_alive():  # accepting before start() returns
+            time.sleep(0.01)
+        if not self.server.started:
+            raise NemoDvpoError(f"the HTTP server on port {self.port} stopped while starting (its error is above)")
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop accepting connections, then wait (up to ``timeout``) for the answers being sent."""
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.in_flight.wait_idle(timeout)
+        self.server.config.timeout_graceful_shutdown = int(max(1, timeout))
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout + 5)
+        self.socket.close()
 
 
 # -- the batching service ----------------------------------------------------------------------------------
@@ -255,16 +250,19 @@ class HTTPFront:
 
 @dataclass
 class Pending:
-    """A queued request: its HTTP thread waits on ``done``, then reads ``result`` or ``error``.
+    """A queued request: its waiter waits on ``done``, then reads ``result`` or ``error``.
 
-    A server subclasses it with the request's own fields. ``abandoned`` is set when its HTTP thread stopped
-    waiting (the 503 of a timeout): the service then drops it instead of computing an answer nobody reads.
+    A server subclasses it with the request's own fields. ``abandoned`` is set when its waiter stopped waiting
+    (the 503 of a timeout, a client gone from a stream): the service then drops it instead of computing an
+    answer nobody reads. ``listener``, if set, is called (from the model's thread) each time the request
+    advanced or finished.
     """
 
     done: threading.Event = field(default_factory=threading.Event, kw_only=True)
     result: Any = field(default=None, kw_only=True)
     error: Optional[str] = field(default=None, kw_only=True)
     abandoned: bool = field(default=False, kw_only=True)
+    listener: Optional[Callable[[], None]] = field(default=None, kw_only=True)
 
 
 # What :meth:`BatchingService.answer` returns for a request it has advanced but not finished (a slice of a long
@@ -273,7 +271,7 @@ UNFINISHED = object()
 
 
 class BatchingService(ABC):
-    """Queues requests from HTTP threads; :meth:`run` (the main thread) answers them in batches.
+    """Queues requests; :meth:`run` (the main thread) answers them in batches.
 
     A subclass says which queued requests join a batch (:meth:`batches_from`) and answers a batch with one
     result per request (:meth:`answer`). ``config`` gives ``max_delay_ms`` (how long a batch waits for more
@@ -287,17 +285,54 @@ class BatchingService(ABC):
         self.queue: queue.Queue[Pending] = queue.Queue()
         self.accepting = True
 
-    def _wait_for(self, pending: Pending) -> Any:
-        """Called from an HTTP thread: queue ``pending`` and wait for its result."""
+    def _enqueue(self, pending: Pending) -> None:
         if not self.accepting:
             raise RequestError(503, "the server is shutting down")
         self.queue.put(pending)
-        if not pending.done.wait(self.config.request_timeout_s):
-            pending.abandoned = True
-            raise RequestError(503, f"no {self.what} within server.request_timeout_s={self.config.request_timeout_s}")
+
+    def _outcome(self, pending: Pending) -> Any:
         if pending.error is not None:
             raise RequestError(500, pending.error)
         return pending.result
+
+    def _timed_out(self, pending: Pending) -> RequestError:
+        pending.abandoned = True
+        return RequestError(503, f"no {self.what} within server.request_timeout_s={self.config.request_timeout_s}")
+
+    def _wait_for(self, pending: Pending) -> Any:
+        """Called from a thread: queue ``pending`` and wait for its result."""
+        self._enqueue(pending)
+        if not pending.done.wait(self.config.request_timeout_s):
+            raise self._timed_out(pending)
+        return self._outcome(pending)
+
+    async def progress(self, pending: Pending) -> AsyncIterator[Pending]:
+        """Called on the event loop: queue ``pending``, then yield it each time it advanced, last when done (its
+        result read with :meth:`_outcome`). Leaving the iteration early abandons the request."""
+        loop = asyncio.get_running_loop()
+        advanced = asyncio.Event()
+        pending.listener = lambda: loop.call_soon_threadsafe(advanced.set)
+        self._enqueue(pending)
+        deadline = loop.time() + self.config.request_timeout_s
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(advanced.wait(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    raise self._timed_out(pending) from None
+                advanced.clear()
+                yield pending
+                if pending.done.is_set():
+                    return
+        finally:
+            if not pending.done.is_set():
+                pending.abandoned = True
+
+    async def wait(self, pending: Pending) -> Any:
+        """Called on the event loop: queue ``pending`` and wait for its result (without holding a thread)."""
+        async for _ in self.progress(pending):
+            pass
+        return self._outcome(pending)
 
     def _arrivals(self) -> Iterator[Pending]:
         """The requests queued within max_delay_ms from now, as they come (stop asking to stop taking them)."""
@@ -329,9 +364,11 @@ class BatchingService(ABC):
         for pending, result in zip(batch, results):
             if result is UNFINISHED and error is None:
                 self.queue.put(pending)
-                continue
-            pending.result, pending.error = result, error
-            pending.done.set()
+            else:
+                pending.result, pending.error = result, error
+                pending.done.set()
+            if pending.listener is not None:
+                pending.listener()
 
     def run(self, stopping: Callable[[], bool]) -> None:
         """Serve batches until ``stopping()``; then stop accepting and answer what is queued."""

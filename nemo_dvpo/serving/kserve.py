@@ -27,11 +27,12 @@ DATATYPES = {"INT64": np.dtype("<i8"), "INT32": np.dtype("<i4"), "FP32": np.dtyp
 
 
 class RequestError(Exception):
-    """A request the server cannot serve, with the HTTP status to answer it with."""
+    """A request the server cannot serve, with the HTTP status to answer it with (and headers, if any)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 @dataclass
@@ -190,7 +191,8 @@ def infer_response(model_name: str, outputs: dict[str, np.ndarray], request_id: 
 
 def infer_request_body(inputs: dict[str, np.ndarray], request_id: Optional[str] = None,
                        binary: bool = True) -> tuple[bytes, dict[str, str]]:
-    """``(body, headers)`` of a KServe v2 inference request (what :class:`RemoteGVM` sends)."""
+    """``(body, headers)`` of a KServe v2 inference request, as tritonclient frames it for :class:`RemoteGVM` (for a
+    client without tritonclient: benchmarks/gvm_server_throughput.py)."""
     payload = {"parameters": {"binary_data_output": binary}} | ({"id": request_id} if request_id is not None else {})
     return _encode(payload, "inputs", inputs, binary)
 

@@ -3,20 +3,27 @@
     python examples/serve_policy.py policy=smollm2_135m server.port=8001
     torchrun --nproc-per-node 2 examples/serve_policy.py policy=CHECKPOINT parallel.tensor_model_parallel_size=2
 
-Endpoints (the subset of OpenAI's API that the ``openai`` client and evaluation harnesses use):
+Endpoints (the subset of OpenAI's API that the ``openai`` client and evaluation harnesses use), on FastAPI:
 
 * ``GET /v1/models`` - the one served model; ``GET /health`` - 200 once the model is loaded;
 * ``POST /v1/chat/completions`` - ``messages`` through the tokenizer's chat template;
-* ``POST /v1/completions`` - raw text ``prompt`` (a string or a list of strings).
+* ``POST /v1/completions`` - raw text ``prompt`` (a string or a list of strings);
+* ``GET /metrics`` - Prometheus counters and a histogram (requests, tokens, latency), from ``prometheus_client``.
 
 Both take ``temperature`` (0 is greedy; default 1; finite), ``top_p``, ``max_tokens`` (clamped to the room the
 prompt leaves in the model's length; the reply then ends with ``finish_reason="length"``), ``stop`` (a
 string or up to four), ``n`` (samples per prompt; prompts x n at most ``server.max_batch_rows``), ``seed`` and
-``stream``. A streamed reply is sent as
-server-sent events once it is complete - one content chunk per choice, then ``[DONE]``: the static-batch
-generation produces the whole reply at once, so the stream is well-formed but not incremental. Fields
-the server cannot honour (``logprobs``, ``tools``, ``response_format``, ``echo``, ...) are refused with a 400
-naming them, never ignored; so is a prompt that does not fit the model's length.
+``stream`` (with ``stream_options.include_usage``). The request bodies are pydantic models
+(:class:`ChatCompletionRequest`, :class:`TextCompletionRequest`): fields the server cannot honour
+(``logprobs``, ``tools``, ``response_format``, ``echo``, ...) are refused with a 400 naming them, never
+ignored, and so is a bad value, naming its field; so is a prompt that does not fit the model's length.
+
+A streamed reply is sent as server-sent events while it is generated, token by token: each decoding step
+announces the tokens it drew (:func:`~nemo_dvpo.inference.completion.complete`'s ``on_token``), and the text each
+choice gained since the last event is sent as a chunk, a finish chunk as a choice ends, then ``[DONE]``; the
+chunks add up to the reply ``stream=false`` gives. Text that may still change is held back until later tokens
+decide it: a character whose UTF-8 bytes are not all generated yet, and the start of a stop string (the reply
+leaves a completed stop string out, and nothing after it is sent).
 
 Concurrent requests that arrive within ``server.max_delay_ms`` and share their sampling settings run as
 one batch (up to ``server.max_batch_rows`` replies); a greedy reply is the same whatever it is batched with.
@@ -31,9 +38,9 @@ The server binds 127.0.0.1; another host needs a bearer token in ``NEMO_DVPO_POL
 (data-parallel replica r on ``server.port + r``) and broadcasts each batch to its group. SIGTERM or Ctrl-C
 answers the requests in flight, then every rank exits.
 
-This module owns the settings, the endpoints, the parsing of a request, the response bodies and the batching
-policy (equal sampling settings, up to a number of replies); the HTTP front and handler plumbing, the request
-queue and its run loop, and the leader/follower loop across model-parallel ranks are
+This module owns the settings, the endpoints, the request and response models, the stream and the batching
+policy (equal sampling settings, up to a number of replies); the app's error handling, the uvicorn front, the
+request queue and its run loop, and the leader/follower loop across model-parallel ranks are
 :mod:`nemo_dvpo.serving.http`'s, shared with the GVM server.
 """
 
@@ -42,15 +49,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional, Union
 
-from nemo_dvpo.inference.completion import Completion, CompletionRequest, complete, room_for_reply
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_serializer
+
+from nemo_dvpo.inference.completion import Completion, CompletionRequest, complete, first_stop, room_for_reply
 from nemo_dvpo.inference.generation import SamplingConfig
-from nemo_dvpo.serving.http import (UNFINISHED, BatchingService, HTTPFront, JSONHandler, ModelParallelRunner, Pending,
-                                    check_server_settings, model_parallel_group, serve_until_stopped, server_token)
+from nemo_dvpo.serving.http import (UNFINISHED, BatchingService, HTTPFront, ModelParallelRunner, Pending, authorize,
+                                    check_server_settings, json_api, model_parallel_group, read_body,
+                                    serve_until_stopped, server_token)
 from nemo_dvpo.serving.kserve import RequestError, parse_json
 from nemo_dvpo.utils.distributed import ParallelConfig
 from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
@@ -69,7 +82,8 @@ class PolicyServerConfig:
     max_delay_ms: float = 10.0
     max_batch_rows: int = 32
     # Replies are generated this many tokens at a time, the queue served in between, so that a long reply
-    # holds a short request for one slice only (0: each batch runs to its longest reply, as before).
+    # holds a short request for one slice only (0: each batch runs to its longest reply, as before). A streamed
+    # reply is sent a slice at a time.
     slice_tokens: int = 256
     # Reply length when a request gives no max_tokens (clamped to the room its prompt leaves).
     default_max_tokens: int = 512
@@ -105,11 +119,124 @@ class ServePolicyConfig:
 
 
 # -- requests ----------------------------------------------------------------------------------------------
+#
+# The request bodies are pydantic models: unknown fields are refused (extra="forbid"), and each field's check
+# says what it wants in its own words, so that :func:`_request_error` can name the field and what was wrong.
 
-_COMMON_FIELDS = {"model", "temperature", "top_p", "max_tokens", "stop", "n", "seed", "stream", "stream_options",
-                  "user", "presence_penalty", "frequency_penalty", "metadata", "store"}
-_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs"}
-_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of"}
+
+def _number(low: float, high: float, low_open: bool = False):
+    def check(value: Any) -> Optional[float]:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        if value > high or value < low or (low_open and value == low):
+            raise ValueError(f"must be in {'(' if low_open else '['}{float(low)}, {float(high)}], got {value}")
+        return float(value)
+
+    return Annotated[Optional[float], BeforeValidator(check)]
+
+
+def _integer(low: int, high: Optional[int] = None):
+    def check(value: Any) -> Optional[int]:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            raise ValueError(f"must be an integer {f'{low}..{high}' if high is not None else f'>= {low}'}, "
+                             f"got {value!r}")
+        return value
+
+    return Annotated[Optional[int], BeforeValidator(check)]
+
+
+def _stop_strings(value: Any) -> list[str]:
+    stop = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError("must be a non-empty string or a list of up to 4 of them")
+    return stop
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):  # content parts: only text can be served
+        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                   for part in content):
+            raise ValueError("only text parts are supported")
+        return "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise ValueError("must be a string")
+    return content
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: Optional[StrictBool] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # name, tool_call_id, ...: nothing the chat template reads
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, BeforeValidator(_content_text)]
+
+
+class _CompletionFields(BaseModel):
+    """What chat and text completions share."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    temperature: _number(0.0, 2.0) = None
+    top_p: _number(0.0, 1.0, low_open=True) = None
+    max_tokens: _integer(1) = None
+    stop: Annotated[list[str], BeforeValidator(_stop_strings)] = []
+    n: _integer(1) = None
+    seed: _integer(0, 2**63 - 1) = None
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # Accepted at their neutral values only (checked in parse_request, with a message naming the field).
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logprobs: Any = None
+    metadata: Optional[dict] = None
+    store: Optional[bool] = None
+
+
+class ChatCompletionRequest(_CompletionFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: _integer(1) = None
+
+
+class TextCompletionRequest(_CompletionFields):
+    prompt: Union[str, Annotated[list[str], Field(min_length=1)]]
+    echo: Any = None
+    best_of: Any = None
+
+
+def _location(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not (part.startswith(("list[", "function-")) or part in ("str",)):  # pydantic's union branch names
+            path += f".{part}" if path else part
+    return path
+
+
+def _request_error(error: ValidationError) -> RequestError:
+    """The 400 of a body that does not validate: every field at fault named, with what was wrong."""
+    unsupported = sorted(_location(e["loc"]) for e in error.errors() if e["type"] == "extra_forbidden")
+    if unsupported:
+        return RequestError(400, f"unsupported field(s): {', '.join(unsupported)}")
+    faults = []
+    for fault in error.errors():
+        where = _location(fault["loc"])
+        if fault["type"] == "value_error":
+            faults.append(f"'{where}' {fault['ctx']['error']}")
+        elif fault["type"] == "missing":
+            faults.append(f"'{where}' is required")
+        else:
+            wanted = fault["msg"].replace("Input should", "should")
+            faults.append(f"'{where}': {wanted}, got {str(fault['input'])[:80]}")
+    return RequestError(400, "; ".join(dict.fromkeys(faults)))
 
 
 @dataclass
@@ -122,27 +249,7 @@ class ParsedRequest:
     sampling: SamplingConfig
     stream: bool
     seeded: bool  # the request fixed the seed (otherwise the server picks one per batch)
-
-
-def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(400, f"'{name}' must be a finite number, got {value!r}")
-    if value > high or value < low or (low_open and value == low):
-        raise RequestError(400, f"'{name}' must be in {'(' if low_open else '['}{low}, {high}], got {value}")
-    return float(value)
-
-
-def _integer(body: dict, name: str, default: Optional[int], low: int, high: Optional[int] = None) -> Optional[int]:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"{low}..{high}" if high is not None else f">= {low}"
-        raise RequestError(400, f"'{name}' must be an integer {bound}, got {value!r}")
-    return value
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
 
 def _encodable(text: str, where: str) -> str:
@@ -154,22 +261,6 @@ def _encodable(text: str, where: str) -> str:
     return text
 
 
-def _message_text(message: Any, index: int) -> tuple[str, str]:
-    if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-        raise RequestError(400, f"messages[{index}] must be an object with a role of system, user or assistant")
-    content = message.get("content")
-    if isinstance(content, list):  # content parts: only text can be served
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(400, f"messages[{index}].content: only text parts are supported")
-            texts.append(part["text"])
-        content = "".join(texts)
-    if not isinstance(content, str):
-        raise RequestError(400, f"messages[{index}].content must be a string")
-    return message["role"], _encodable(content, f"messages[{index}].content")
-
-
 def parse_request(kind: str, body: Any, tokenizer, model_name: str, max_length: int,
                   config: PolicyServerConfig) -> ParsedRequest:
     """Validate a chat or completion request and tokenize its prompts; a fault is a RequestError (4xx)."""
@@ -177,33 +268,28 @@ def parse_request(kind: str, body: Any, tokenizer, model_name: str, max_length: 
 
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
-    known = _CHAT_FIELDS if kind == "chat" else _COMPLETION_FIELDS
-    unsupported = sorted(set(body) - known)
-    if unsupported:
-        raise RequestError(400, f"unsupported field(s): {', '.join(unsupported)}")
-    if body.get("logprobs") not in (None, False, 0):
+    try:
+        fields = (ChatCompletionRequest if kind == "chat" else TextCompletionRequest).model_validate(body)
+    except ValidationError as error:
+        raise _request_error(error) from None
+    if fields.logprobs not in (None, False, 0):
         raise RequestError(400, "'logprobs' is not supported by this server")
-    if body.get("echo") or body.get("best_of") not in (None, 1):
+    if kind == "completion" and (fields.echo or fields.best_of not in (None, 1)):
         raise RequestError(400, "'echo' and 'best_of' are not supported by this server")
     for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
+        if getattr(fields, name) not in (None, 0, 0.0):
             raise RequestError(400, f"'{name}' is not supported by this server (only 0)")
-    if body.get("model") != model_name:
-        raise RequestError(404, f"the model {body.get('model')!r} does not exist; this server serves {model_name!r}")
+    if fields.model != model_name:
+        raise RequestError(404, f"the model {fields.model!r} does not exist; this server serves {model_name!r}")
     if kind == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError(400, "'messages' must be a non-empty list")
-        chat = [dict(zip(("role", "content"), _message_text(message, index))) for index, message in enumerate(messages)]
+        chat = [{"role": message.role, "content": _encodable(message.content, f"messages[{index}].content")}
+                for index, message in enumerate(fields.messages)]
         try:
             prompts = [apply_chat_template(tokenizer, chat)]
         except NemoDvpoError as error:
             raise RequestError(400, str(error)) from None
     else:
-        prompt = body.get("prompt")
-        texts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
-            raise RequestError(400, "'prompt' must be a string or a non-empty list of strings")
+        texts = [fields.prompt] if isinstance(fields.prompt, str) else fields.prompt
         prompts = [tokenizer(_encodable(text, f"prompt[{index}]"))["input_ids"] for index, text in enumerate(texts)]
         if any(not ids for ids in prompts):
             raise RequestError(400, "a prompt is empty")
@@ -211,30 +297,24 @@ def parse_request(kind: str, body: Any, tokenizer, model_name: str, max_length: 
         if room_for_reply(len(ids), max_length) < 1:
             raise RequestError(400, f"this model's maximum context length is {max_length} tokens; the prompt has "
                                     f"{len(ids)} tokens, leaving no room for a reply")
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-    n = _integer(body, "n", 1, 1, config.max_n)
+    n = fields.n or 1
+    if n > config.max_n:
+        raise RequestError(400, f"'n' must be an integer 1..{config.max_n} (server.max_n), got {n}")
     if len(prompts) * n > config.max_batch_rows:
         raise RequestError(400, f"the request asks for {len(prompts) * n} replies ({len(prompts)} prompt(s) x n={n}); "
                                 f"this server answers at most {config.max_batch_rows} per request "
                                 "(server.max_batch_rows): send them as several requests")
-    requested = _integer(body, "max_completion_tokens", None, 1) if kind == "chat" else None
-    requested = _integer(body, "max_tokens", requested, 1)
+    requested = fields.max_tokens or (fields.max_completion_tokens if kind == "chat" else None)
     max_tokens = [min(requested or config.default_max_tokens, room_for_reply(len(ids), max_length)) for ids in prompts]
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError(400, "'stop' must be a non-empty string or a list of up to 4 of them")
-    seed = _integer(body, "seed", None, 0, 2**63 - 1)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError(400, "'stream' must be true or false")
+    temperature = 1.0 if fields.temperature is None else fields.temperature
     try:
-        sampling = SamplingConfig(temperature=temperature, top_p=top_p, greedy=temperature == 0, seed=seed or 0)
+        sampling = SamplingConfig(temperature=temperature, top_p=1.0 if fields.top_p is None else fields.top_p,
+                                  greedy=temperature == 0, seed=fields.seed or 0)
     except NemoDvpoError as error:  # what the sampler refuses is the request's fault
         raise RequestError(400, str(error)) from None
-    return ParsedRequest(kind=kind, prompts=prompts, n=n, max_tokens=max_tokens, stop=stop, sampling=sampling,
-                         stream=stream, seeded=seed is not None)
+    include_usage = bool(fields.stream_options and fields.stream_options.include_usage)
+    return ParsedRequest(kind=kind, prompts=prompts, n=n, max_tokens=max_tokens, stop=fields.stop, sampling=sampling,
+                         stream=fields.stream, seeded=fields.seed is not None, include_usage=include_usage)
 
 
 # -- the batching service ----------------------------------------------------------------------------------
@@ -245,10 +325,20 @@ class _Pending(Pending):
     request: ParsedRequest
     # One entry per reply (prompt-major, n per prompt): None until its first slice, then its reply so far.
     replies: list[Optional[Completion]] = field(default_factory=list)
+    # Per reply, the tokens drawn so far by the slice running now (the model's thread appends; a stream reads).
+    drawn: list[list[int]] = field(default_factory=list)
     slices: int = 0  # slices run so far
+    # Held while replies and drawn change together, so that a stream never reads a slice's tokens twice.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.replies = [None] * (len(self.request.prompts) * self.request.n)
+        self.drawn = [[] for _ in self.replies]
+
+    def snapshot(self) -> tuple[list[Optional[Completion]], list[list[int]]]:
+        """The replies so far and the tokens their running slice has drawn, as of one moment."""
+        with self.lock:
+            return list(self.replies), [list(tokens) for tokens in self.drawn]
 
     @property
     def unfinished(self) -> list[int]:
@@ -292,9 +382,11 @@ class CompletionService(BatchingService):
 
     what = "reply"
 
-    def __init__(self, complete_fn: CompleteFn, config: PolicyServerConfig):
+    def __init__(self, complete_fn: CompleteFn, config: PolicyServerConfig, tokens: Optional["TokenSink"] = None):
         super().__init__(config)
         self.complete_fn = complete_fn
+        # Where the model's thread announces each drawn token (see TokenSink); None: replies arrive by slices.
+        self.tokens = tokens
         self.next_seed = 0
         self.batches = 0
 
@@ -327,105 +419,345 @@ class CompletionService(BatchingService):
             # stream again (which would repeat that slice's random draws).
             sampling = dataclasses.replace(sampling, seed=(sampling.seed + batch[0].slices * 0x9E3779B97F4A7C15) % 2**63)
         self.batches += 1
-        completions = iter(self.complete_fn(rows, sampling, self.config.slice_tokens or None))
+        owners = [(pending, index) for pending in batch for index in pending.unfinished]
+
+        def drew(row: int, token: int) -> None:
+            pending, index = owners[row]
+            with pending.lock:
+                pending.drawn[index].append(token)
+            if pending.listener is not None:
+                pending.listener()
+
+        if self.tokens is not None:
+            self.tokens.callback = drew
+        try:
+            completions = iter(self.complete_fn(rows, sampling, self.config.slice_tokens or None))
+        finally:
+            if self.tokens is not None:
+                self.tokens.callback = None
         answers = []
         for pending in batch:
-            for index in pending.unfinished:
-                pending.replies[index] = next(completions)
+            with pending.lock:
+                for index in pending.unfinished:
+                    pending.replies[index] = next(completions)
+                    pending.drawn[index] = []
             pending.slices += 1
             answers.append(UNFINISHED if pending.unfinished else pending.replies)
         return answers
 
 
+class TokenSink:
+    """Carries the tokens a slice draws, as they are drawn, from the model's call to the service: the leader's
+    ``complete`` calls it (``on_token``); the service points it at the running batch's replies. Followers of a
+    model-parallel group run the same call with the sink never pointed anywhere."""
+
+    def __init__(self):
+        self.callback: Optional[Callable[[int, int], None]] = None
+
+    def __call__(self, row: int, token: int) -> None:
+        if self.callback is not None:
+            self.callback(row, token)
+
+
 # -- responses ---------------------------------------------------------------------------------------------
 
 
-def response_body(request: ParsedRequest, completions: list[Completion], model_name: str) -> dict:
-    created = int(time.time())
-    usage = {"prompt_tokens": sum(len(ids) for ids in request.prompts),
-             "completion_tokens": sum(c.completion_tokens for c in completions)}
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Optional[str]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Optional[str]
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+    @model_serializer
+    def _present(self) -> dict:  # a delta carries what changed only (the finish chunk's is {})
+        return {name: value for name, value in (("role", self.role), ("content", self.content)) if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class TextCompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Optional[Usage] = None
+
+
+def _usage(request: ParsedRequest, completions: list[Optional[Completion]]) -> Usage:
+    prompt_tokens = sum(len(ids) for ids in request.prompts)
+    completion_tokens = sum(c.completion_tokens for c in completions if c is not None)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+def response_body(request: ParsedRequest, completions: list[Completion], model_name: str) -> BaseModel:
+    """The whole reply (``stream`` false)."""
+    created, usage = int(time.time()), _usage(request, completions)
     if request.kind == "chat":
-        choices = [{"index": index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                    "finish_reason": c.finish_reason} for index, c in enumerate(completions)]
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created,
-                "model": model_name, "choices": choices, "usage": usage}
-    choices = [{"index": index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+        choices = [ChatChoice(index=index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+                   for index, c in enumerate(completions)]
+        return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=created, model=model_name, choices=choices,
+                              usage=usage)
+    choices = [TextChoice(index=index, text=c.text, finish_reason=c.finish_reason)
                for index, c in enumerate(completions)]
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created, "model": model_name,
-            "choices": choices, "usage": usage}
+    return TextCompletion(id=f"cmpl-{uuid.uuid4().hex}", created=created, model=model_name, choices=choices,
+                          usage=usage)
 
 
-def stream_events(request: ParsedRequest, body: dict) -> bytes:
-    """The complete reply as server-sent events: a content chunk and a finish chunk per choice, then [DONE]."""
-    chunks = []
-    base = {key: body[key] for key in ("id", "created", "model")}
-    for choice in body["choices"]:
-        if request.kind == "chat":
-            base["object"] = "chat.completion.chunk"
-            delta = {"role": "assistant", "content": choice["message"]["content"]}
-            content = {"index": choice["index"], "delta": delta, "logprobs": None, "finish_reason": None}
-            finish = {"index": choice["index"], "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"]}
-        else:
-            base["object"] = "text_completion"
-            content = {"index": choice["index"], "text": choice["text"], "logprobs": None, "finish_reason": None}
-            finish = {"index": choice["index"], "text": "", "logprobs": None, "finish_reason": choice["finish_reason"]}
-        chunks += [{**base, "choices": [content]}, {**base, "choices": [finish]}]
-    events = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
-    return events.encode()
+def _held_back(text: str, stop: list[str]) -> int:
+    """How many characters at the end of an unfinished reply's ``text`` must wait for the next tokens: a partly
+    decoded character (the replacement character of an incomplete UTF-8 sequence), or the start of a stop
+    string, which the reply will leave out if the string completes."""
+    held = len(text) - len(text.rstrip("\ufffd"))
+    for string in stop:
+        for length in range(min(len(string) - 1, len(text)), 0, -1):
+            if text.endswith(string[:length]):
+                held = max(held, length)
+                break
+    return held
+
+
+class ReplyStream:
+    """A streamed reply's server-sent events: each choice's new text as it is generated, a chunk per choice that
+    advanced, a finish chunk per choice as it ends, then (with ``stream_options.include_usage``) the usage, then
+    ``[DONE]``. The texts sent add up to the text the whole reply (``stream`` false) would have."""
+
+    def __init__(self, request: ParsedRequest, model_name: str, tokenizer):
+        self.request, self.model_name, self.tokenizer = request, model_name, tokenizer
+        self.kind = request.kind
+        prefix = "chatcmpl" if self.kind == "chat" else "cmpl"
+        self.base = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        replies = len(request.prompts) * request.n
+        self.sent = [""] * replies  # the text sent so far, per choice
+        self.finished = [False] * replies
+
+    def _chunk(self, index: int, text: Optional[str], finish_reason: Optional[str], first: bool) -> BaseModel:
+        if self.kind == "chat":
+            delta = ChatDelta(role="assistant" if first else None, content=text)
+            return ChatCompletionChunk(**self.base, choices=[ChatChunkChoice(index=index, delta=delta,
+                                                                             finish_reason=finish_reason)])
+        return TextCompletionChunk(**self.base, choices=[TextChoice(index=index, text=text or "",
+                                                                    finish_reason=finish_reason)])
+
+    def text_so_far(self, reply: Optional[Completion], drawn: list[int]) -> str:
+        """An unfinished reply's text up to where it cannot change any more: its slices so far and the tokens
+        the running slice drew, cut at a completed stop string, less what :func:`_held_back` keeps back."""
+        text = reply.text if reply is not None else ""
+        if drawn:
+            ids = (reply.token_ids if reply is not None else []) + drawn
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            cut = first_stop(text, self.request.stop)
+            if cut is not None:
+                return text[:cut]
+        return text[:len(text) - _held_back(text, self.request.stop)]
+
+    def events(self, snapshot: tuple[list[Optional[Completion]], list[list[int]]]) -> bytes:
+        """The events for the replies so far (:meth:`_Pending.snapshot`: each choice's :class:`Completion` or
+        None, and the tokens its running slice drew)."""
+        replies, drawn = snapshot
+        chunks = []
+        for index, reply in enumerate(replies):
+            if self.finished[index] or (reply is None and not drawn[index]):
+                continue
+            done = reply is not None and reply.finish_reason is not None
+            text = reply.text if done else self.text_so_far(reply, drawn[index])
+            new = text[len(self.sent[index]):] if text.startswith(self.sent[index]) else ""
+            first = not self.sent[index]
+            if new:
+                chunks.append(self._chunk(index, new, None, first))
+                self.sent[index] += new
+            if done:
+                self.finished[index] = True
+                chunks.append(self._chunk(index, "" if self.kind != "chat" else None, reply.finish_reason,
+                                          first and not new))
+        return b"".join(_event(chunk) for chunk in chunks)
+
+    def end(self, replies: list[Optional[Completion]]) -> bytes:
+        tail = b""
+        if self.request.include_usage:
+            chunk_class = ChatCompletionChunk if self.kind == "chat" else TextCompletionChunk
+            tail = _event(chunk_class(**self.base, choices=[], usage=_usage(self.request, replies)))
+        return tail + b"data: [DONE]\n\n"
+
+
+def _event(chunk: BaseModel) -> bytes:
+    return b"data: " + chunk.model_dump_json().encode() + b"\n\n"
+
+
+# -- metrics -----------------------------------------------------------------------------------------------
+
+
+class PolicyMetrics:
+    """What the server did, in Prometheus' exposition format (``prometheus_client``, a registry per server)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("policy_requests", "Completion requests by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("policy_prompt_tokens", "Prompt tokens of the requests answered",
+                                     registry=self.registry)
+        self.completion_tokens = Counter("policy_completion_tokens", "Tokens generated for the requests answered",
+                                         registry=self.registry)
+        self.latency = Histogram("policy_request_latency_seconds", "Completion request latency (to the last token)",
+                                 buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=self.registry)
+
+    def request(self, endpoint: str, status: int, seconds: Optional[float] = None, usage: Optional[Usage] = None):
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        if seconds is not None:
+            self.latency.observe(seconds)
+        if usage is not None:
+            self.prompt_tokens.inc(usage.prompt_tokens)
+            self.completion_tokens.inc(usage.completion_tokens)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 # -- HTTP --------------------------------------------------------------------------------------------------
 
 
-def make_handler(service: CompletionService, tokenizer, model_name: str, max_length: int, token: Optional[str]):
-    """A request handler class bound to ``service`` and the served model."""
+def openai_error(status: int, message: str) -> dict:
+    """OpenAI's error body."""
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def make_app(service: CompletionService, tokenizer, model_name: str, max_length: int, token: Optional[str]):
+    """The server's FastAPI app, bound to ``service`` and the served model."""
     config = service.config
+    app = json_api(openai_error, title="nemo_dvpo policy server")
+    ready = app.state.ready
+    metrics = PolicyMetrics()
 
-    class Handler(JSONHandler):
-        server_version = "nemo_dvpo-policy"
-        bearer_token = token
-        max_body_bytes = config.max_body_bytes
+    @app.get("/health")
+    def health():
+        return JSONResponse({"ready": ready.is_set()}, status_code=200 if ready.is_set() and service.accepting else 503)
 
-        def _error_payload(self, status: int, message: str) -> dict:
-            kind = {401: "authentication_error", 404: "not_found_error"}.get(
-                status, "invalid_request_error" if status < 500 else "server_error")
-            return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    @app.get("/v1/models")
+    def models(request: Request):
+        authorize(request, token)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "nemo_dvpo",
+                                            "max_model_len": max_length}]}
 
-        def _get(self) -> None:
-            path, ready = self._path(), self.server.ready
-            if path == "/health":
-                return self._json(200 if ready.is_set() and service.accepting else 503, {"ready": ready.is_set()})
-            if not self._authorized():
-                return None
-            if path == "/v1/models":
-                return self._json(200, {"object": "list", "data": [
-                    {"id": model_name, "object": "model", "created": 0, "owned_by": "nemo_dvpo",
-                     "max_model_len": max_length}]})
-            return self._error(404, f"no such endpoint: GET {path}")
+    @app.get("/metrics")
+    def metrics_endpoint(request: Request):
+        authorize(request, token)
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
-        def _post(self) -> None:
-            path = self._path()
-            raw = self._read_body()
-            if raw is None or not self._authorized():
-                return None
-            kinds = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
-            if path not in kinds:
-                return self._error(404, f"no such endpoint: POST {path}")
+    async def completion(kind: str, endpoint: str, request: Request):
+        started = time.perf_counter()
+        try:
+            authorize(request, token)
+            raw = await read_body(request, config.max_body_bytes)
+            if not ready.is_set():
+                raise RequestError(503, "the model is still loading")
+            parsed = parse_request(kind, parse_json(raw), tokenizer, model_name, max_length, config)
+            pending = _Pending(parsed)
+            if not parsed.stream:
+                completions = await service.wait(pending)
+                body = response_body(parsed, completions, model_name)
+                metrics.request(endpoint, 200, time.perf_counter() - started, body.usage)
+                return Response(body.model_dump_json(), media_type="application/json")
+            # The first slice is awaited before the answer starts, so that a request refused or failed by then
+            # still gets its status; the rest of the reply follows as it is generated.
+            progress = service.progress(pending)
+            await anext(progress)
+        except RequestError as error:
+            metrics.request(endpoint, error.status)
+            raise
+        stream = ReplyStream(parsed, model_name, tokenizer)
+
+        async def events():
+            status = 200
             try:
-                if not self.server.ready.is_set():
-                    raise RequestError(503, "the model is still loading")
-                body = parse_json(raw)
-                request = parse_request(kinds[path], body, tokenizer, model_name, max_length, config)
-                completions = service.submit(request)
-            except RequestError as error:
-                return self._error(error.status, str(error))
-            payload = response_body(request, completions, model_name)
-            if request.stream:
-                return self._send(200, stream_events(request, payload), {"Content-Type": "text/event-stream"})
-            return self._json(200, payload)
+                yield stream.events(pending.snapshot())
+                async for _ in progress:
+                    yield stream.events(pending.snapshot())
+                service._outcome(pending)
+                # The last slice may have finished while the previous chunk was being sent (then the iteration
+                # ended without a turn for it): what it added is sent here, once (ReplyStream sends nothing twice).
+                yield stream.events(pending.snapshot())
+            except RequestError as error:  # the answer has started: the fault ends the stream, as an event
+                status = error.status
+                yield b"data: " + json.dumps(openai_error(error.status, str(error))).encode() + b"\n\n"
+            finally:
+                await progress.aclose()  # a client gone: the request is abandoned, not generated further
+            yield stream.end(list(pending.replies))
+            metrics.request(endpoint, status, time.perf_counter() - started, _usage(parsed, list(pending.replies)))
 
-    return Handler
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await completion("chat", "chat", request)
+
+    @app.post("/v1/completions")
+    async def text_completions(request: Request):
+        return await completion("completion", "completions", request)
+
+    return app
 
 
 def serve(cfg: ServePolicyConfig, stop) -> None:
@@ -438,15 +770,17 @@ def serve(cfg: ServePolicyConfig, stop) -> None:
     policy_model_config(cfg.policy)  # a wrong model fails before the port is taken
     policy = load_policy(cfg.policy, cfg.parallel, max_length=cfg.max_sequence_length, precision=cfg.precision,
                          name=cfg.served_model_name)
+    tokens = TokenSink()
     runner = ModelParallelRunner(
-        lambda rows, sampling, slice_tokens: complete(policy, rows, sampling, slice_tokens), *model_parallel_group())
+        lambda rows, sampling, slice_tokens: complete(policy, rows, sampling, slice_tokens, on_token=tokens),
+        *model_parallel_group())
     if not runner.is_leader:
         runner.follow()
         return
-    service = CompletionService(runner, cfg.server)
-    handler = make_handler(service, policy.tokenizer, policy.name, policy.max_length, token)
+    service = CompletionService(runner, cfg.server, tokens)
+    app = make_app(service, policy.tokenizer, policy.name, policy.max_length, token)
     port = cfg.server.port + parallel_state.get_data_parallel_rank() if cfg.server.port else 0
-    front = HTTPFront(handler, cfg.server.host, port, name="policy-http")
+    front = HTTPFront(app, cfg.server.host, port, name="policy-http")
     front.start()
     front.ready.set()
     layout = f"TP={cfg.parallel.tensor_model_parallel_size}, PP={cfg.parallel.pipeline_model_parallel_size}"
