@@ -1,0 +1,430 @@
+"""The vLLM rollout engine (issue 23): its own environment and process, refitted from a Megatron policy.
+
+The engine tests need the vLLM environment (``tools/setup_vllm_env.sh`` builds ``.venv-vllm``) and are skipped
+without it; the packing and error-message tests run everywhere. One engine serves the module: started with
+random ("dummy") weights, so every agreement with the Megatron policy below is the refit's doing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_dvpo.inference.generation import SamplingConfig, generate, sampling_log_probs
+from nemo_dvpo.inference.vllm_engine import (
+    DEFAULT_VENV,
+    VllmEngine,
+    VllmEngineConfig,
+    default_vllm_python,
+    logprob_gap_metrics,
+    refit_from_policy,
+)
+from nemo_dvpo.inference.vllm_weights import hf_weights_of
+from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
+from tests.conftest import REPO_ROOT, entry_point_env, free_port
+
+sys.path.insert(0, str(REPO_ROOT / "nemo_dvpo" / "inference"))
+from vllm_worker_extension import views_of  # noqa: E402 - the worker-side module, imported as vLLM does
+
+HAVE_VLLM_ENV = Path(default_vllm_python()).exists()
+needs_vllm = pytest.mark.skipif(
+    not HAVE_VLLM_ENV, reason=f"the vLLM environment is absent ({default_vllm_python()} not found): build it with "
+                              f"tools/setup_vllm_env.sh")
+
+# Log-probs of the same tokens from the two engines, both float32, differ only by summation order: each of
+# the 30 layers' matmuls (reductions over 576 or 1536 terms) and softmaxes rounds at float32's 2**-24
+# relative, and the rounding grows along the residual stream roughly as sqrt(layers x reduction length)
+# ~ 2e2 units of it in the logits (magnitude ~ 20): ~3e-4 absolute in a logit, at most twice that in a
+# log-softmax. 2e-3 leaves a factor 3 for heavier tails; a wrong weight moves log-probs by O(1).
+LOGPROB_TOLERANCE = 2e-3
+# Greedy decoding may part where the two best logits are closer than the engines' logit difference; a
+# first divergence counts as a near-tie when the policy's own log-probs of the two tokens differ by less.
+NEAR_TIE = 4 * LOGPROB_TOLERANCE
+QUESTIONS = [
+    "What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?",
+    "What is 12 times 7?", "Write a haiku about rain.", "Who wrote Romeo and Juliet?",
+    "What is the boiling point of water in Celsius?", "Give me a synonym for happy.",
+    "Translate 'good morning' into Spanish.", "What planet is known as the Red Planet?",
+    "List two mammals that live in the ocean.", "What is the square root of 81?",
+    "Explain photosynthesis in one sentence.", "What is the largest ocean on Earth?",
+    "Name a famous painting by Leonardo da Vinci.", "How many days are in a leap year?",
+    "What gas do humans exhale?", "Suggest a name for a pet turtle.", "What is the opposite of cold?",
+    "Who was the first person to walk on the Moon?", "What language is spoken in Brazil?",
+    "Describe a cat in five words.", "What is the chemical symbol for gold?", "How many continents are there?",
+    "What do bees make?", "Name a fruit that is yellow.", "What is the freezing point of water in Fahrenheit?",
+    "Write one sentence about autumn.", "What instrument has 88 keys?", "What is the tallest animal?",
+    "How many sides does a hexagon have?", "What is the main ingredient of guacamole?",
+]
+
+
+# ---- everywhere: the bucket layout, the configuration, the missing environment ----
+
+def test_buckets_pack_and_unpack_bit_exact_across_bucket_boundaries():
+    config = VllmEngineConfig(model="unused", dtype="bfloat16", refit_bucket_mib=1)
+    engine = VllmEngine(config)
+    generator = torch.Generator().manual_seed(0)
+    # 300k bf16 elements = 600 kB: two of them exceed the 1 MiB bucket, so the second starts a new one.
+    weights = [(f"w{i}", torch.randn(shape, generator=generator))
+               for i, shape in enumerate([(300, 1000), (300, 1000), (7,), (3, 5, 2)])]
+    buckets = list(engine._buckets(weights))
+    assert [[name for name, _, _ in bucket] for bucket in buckets] == [["w0"], ["w1", "w2", "w3"]]
+    for bucket in buckets:
+        buffer = torch.zeros(engine._bucket_bytes(bucket, torch.bfloat16), dtype=torch.uint8)
+        engine._pack(bucket, buffer, torch.bfloat16)
+        unpacked = dict(views_of(buffer, engine._entries(bucket)))
+        for name, tensor, offset in bucket:
+            assert offset % 64 == 0
+            assert torch.equal(unpacked[name], tensor.to(torch.bfloat16)), name
+
+
+def test_the_logprob_gap_metric_is_one_when_the_engines_agree():
+    mask = torch.tensor([[False, True, True], [False, True, False]])
+    policy = torch.tensor([[0.0, -1.0, -2.0], [0.0, -0.5, 9.0]])
+    assert logprob_gap_metrics(policy, policy, mask) == {"token_mult_prob_error": 1.0, "max_abs_logprob_gap": 0.0}
+    engine = policy + torch.tensor([[5.0, 0.1, -0.2], [0.0, 0.3, 7.0]])  # off-mask differences do not count
+    metrics = logprob_gap_metrics(engine, policy, mask)
+    assert math.isclose(metrics["token_mult_prob_error"], (math.exp(0.1) + math.exp(0.2) + math.exp(0.3)) / 3,
+                        rel_tol=1e-6)
+    assert math.isclose(metrics["max_abs_logprob_gap"], 0.3, rel_tol=1e-6)
+
+
+def test_views_refuse_an_entry_past_the_buffer():
+    with pytest.raises(ValueError, match="past the buffer"):
+        views_of(torch.zeros(16, dtype=torch.uint8), [("w", "float32", [5], 0)])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("dtype", "int8", "rollout.vllm.dtype"), ("max_model_len", 0, "rollout.vllm.max_model_len"),
+    ("address", "nohost", "rollout.vllm.address"), ("refit_transport", "file", "rollout.vllm.refit_transport"),
+    ("engine_kwargs", {"logprobs_mode": "raw_logprobs"}, "engine_kwargs may not set"),
+])
+def test_config_errors_name_the_field(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        VllmEngineConfig(model="m", **{field: value})
+
+
+def test_a_missing_environment_says_how_to_build_it(tmp_path):
+    with pytest.raises(NemoDvpoError, match="setup_vllm_env.sh"):
+        VllmEngine(VllmEngineConfig(model="m", python=str(tmp_path / "no-venv" / "bin" / "python"))).start()
+
+
+def test_an_environment_without_vllm_says_how_to_build_it():
+    # The trainer's own python has no vllm: the worker starts, fails to import it and says so.
+    with pytest.raises(NemoDvpoError, match="has no vllm.*setup_vllm_env.sh"):
+        VllmEngine(VllmEngineConfig(model="m", python=sys.executable, start_timeout_s=120)).start()
+
+
+# ---- with the vLLM environment: one engine refitted from the Megatron SmolLM2 policy ----
+
+@pytest.fixture(scope="module")
+def smollm2_policy(megatron_single_rank):
+    from nemo_dvpo.models.builder import build_gpt_model, resolve_hf_config
+    from nemo_dvpo.models.config import load_model_config
+    from nemo_dvpo.models.sources import load_tokenizer
+
+    model_cfg = load_model_config("smollm2_135m")
+    hf_config = resolve_hf_config(model_cfg)
+    policy = build_gpt_model(model_cfg, hf_config=hf_config, seq_length=512)
+    for module in policy:
+        module.eval()
+    return policy, hf_config, load_tokenizer(model_cfg.source)
+
+
+def engine_config(hf_folder: str, log_file: Path) -> VllmEngineConfig:
+    # Eager mode: vLLM's torch.compile warm-up costs minutes on 2 cores and computes the same function.
+    return VllmEngineConfig(model=hf_folder, load_format="dummy", dtype="float32", max_model_len=512,
+                            cpu_kv_cache_gib=1, cpu_threads_bind="nobind", refit_bucket_mib=64,
+                            log_file=str(log_file), engine_kwargs={"enforce_eager": True})
+
+
+@pytest.fixture(scope="module")
+def refitted_engine(smollm2_policy, smollm2_hf_folder, tmp_path_factory):
+    policy, hf_config, _ = smollm2_policy
+    log_file = tmp_path_factory.mktemp("vllm") / "worker.log"
+    engine = VllmEngine(engine_config(smollm2_hf_folder, log_file)).start()
+    try:
+        before = engine.parameter_checksums()[0]
+        stats = refit_from_policy(engine, policy, hf_config)
+        yield engine, before, stats
+    finally:
+        engine.close()
+
+
+def chat_prompts(tokenizer, count: int) -> list[list[int]]:
+    from nemo_dvpo.inference.chat import apply_chat_template
+
+    return [apply_chat_template(tokenizer, question) for question in QUESTIONS[:count]]
+
+
+def policy_logprobs(policy, sequences: list[list[int]], prompt_lengths: list[int], vocab_size: int,
+                    sampling: SamplingConfig | None = None) -> list[list[float]]:
+    """The Megatron policy's log-prob of each token after the prompt: ``token_logprobs`` (the trainer's own
+    function) at temperature 1, or under ``sampling``'s filtered distribution (``sampling_log_probs``)."""
+    from nemo_dvpo.models.forward import forward_only
+    from nemo_dvpo.models.logprobs import at_token_positions
+    from nemo_dvpo.rlhf.rollout import token_logprobs
+
+    width = max(map(len, sequences))
+    tokens = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
+    for row, (sequence, start) in enumerate(zip(sequences, prompt_lengths)):
+        tokens[row, :len(sequence)] = torch.tensor(sequence)
+        mask[row, start:len(sequence)] = True
+    if sampling is None:
+        logprobs, _ = token_logprobs(policy, tokens, mask, vocab_size=vocab_size)
+    else:
+        logprobs = forward_only(policy, tokens, lambda logits, micro: at_token_positions(
+            sampling_log_probs(logits[:, :-1], micro[:, 1:], sampling, vocab_size), 0), tuple(tokens.shape))
+    return [logprobs[row, start:len(sequence)].tolist()
+            for row, (sequence, start) in enumerate(zip(sequences, prompt_lengths))]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_refit_sends_every_weight_and_the_readable_ones_arrive(refitted_engine, smollm2_policy):
+    engine, before, stats = refitted_engine
+    policy, hf_config, _ = smollm2_policy
+    exported = dict(hf_weights_of(policy, hf_config))
+    assert stats.tensors == len(exported) and stats.seconds > stats.load_seconds > 0
+    assert stats.bytes >= sum(t.numel() * 4 for t in exported.values())
+    print(f"refit: {stats}")
+    # On CPU vLLM keeps the linear layers only as packed GEMM operands (their parameters are empty); the
+    # embedding and the norms stay readable and must now hold the policy's values. The linear layers are
+    # checked through the log-probs below.
+    after = engine.parameter_checksums()[0]
+    readable = {name for name in after if name in exported}
+    # (All of them on GPUs; on CPU the embedding, the final norm and each layer's two norms.)
+    assert {"model.embed_tokens.weight", "model.norm.weight"} <= readable and len(readable) >= 2 + 2 * 30
+    for name in readable:
+        expected = float(exported[name].double().sum())
+        assert math.isclose(after[name], expected, rel_tol=1e-9, abs_tol=1e-9), name
+    assert not math.isclose(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"], rel_tol=1e-3)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_each_refit_serves_the_policys_current_weights(refitted_engine, smollm2_policy):
+    # The RL loop: the policy changes, the engine is refitted, its log-probs follow; and back again.
+    from nemo_dvpo.models.builder import unwrap_model
+
+    engine, _, _ = refitted_engine
+    policy, hf_config, tokenizer = smollm2_policy
+    prompts = chat_prompts(tokenizer, 3)
+    continuation = tokenizer("Sure, here is a short answer.")["input_ids"]
+    sequences, lengths = [p + continuation for p in prompts], [len(p) for p in prompts]
+    original = engine.score(sequences, lengths)
+    gpt = unwrap_model(policy[0])
+    with torch.no_grad():
+        saved = {name: param.detach().clone() for name, param in gpt.named_parameters()}
+        gpt.decoder.layers[3].mlp.linear_fc2.weight.mul_(1.5)  # a packed linear layer
+        gpt.decoder.final_layernorm.weight.mul_(0.5)
+    try:
+        refit_from_policy(engine, policy, hf_config)
+        changed = engine.score(sequences, lengths)
+        ours = policy_logprobs(policy, sequences, lengths, len(tokenizer))
+        assert max(abs(a - b) for ra, rb in zip(changed, ours) for a, b in zip(ra, rb)) < LOGPROB_TOLERANCE
+        assert max(abs(a - b) for ra, rb in zip(changed, original) for a, b in zip(ra, rb)) > 0.1
+    finally:
+        with torch.no_grad():
+            for name, param in gpt.named_parameters():
+                param.copy_(saved[name])
+        refit_from_policy(engine, policy, hf_config)
+    assert engine.score(sequences, lengths) == original
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_logprobs_of_a_fixed_continuation_equal_the_policys(refitted_engine, smollm2_policy):
+    engine, _, _ = refitted_engine
+    policy, _, tokenizer = smollm2_policy
+    continuation = tokenizer("The answer is simple: think it through, step by step, and check.")["input_ids"]
+    prompts = chat_prompts(tokenizer, 8)
+    sequences = [prompt + continuation for prompt in prompts]
+    lengths = [len(prompt) for prompt in prompts]
+    ours = policy_logprobs(policy, sequences, lengths, len(tokenizer))
+    theirs = engine.score(sequences, lengths)
+    gap = max(abs(a - b) for row_a, row_b in zip(ours, theirs) for a, b in zip(row_a, row_b))
+    print(f"max |log-prob gap| over {sum(map(len, ours))} tokens: {gap:.2e}")
+    assert gap < LOGPROB_TOLERANCE
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [SamplingConfig(max_new_tokens=24, temperature=0.7, seed=1),
+                                      SamplingConfig(max_new_tokens=24, temperature=1.3, top_k=20, top_p=0.8, seed=2)],
+                         ids=["temperature", "top_k_top_p"])
+def test_sampled_logprobs_are_those_of_the_filtered_distribution(refitted_engine, smollm2_policy, sampling):
+    # The engine's log-prob of each token it drew is the policy's under the same temperature, top-k and top-p
+    # (nemo_dvpo's sampling_log_probs): the filters mean the same in both engines.
+    engine, _, _ = refitted_engine
+    policy, _, tokenizer = smollm2_policy
+    prompts = chat_prompts(tokenizer, 6)
+    result = engine.generate(prompts, sampling, [tokenizer.eos_token_id])
+    sequences = [prompt + ids for prompt, ids in zip(prompts, result.token_ids)]
+    ours = policy_logprobs(policy, sequences, [len(p) for p in prompts], len(tokenizer), sampling)
+    gap = max(abs(a - b) for row_a, row_b in zip(ours, result.logprobs) for a, b in zip(row_a, row_b))
+    print(f"max |sampled log-prob gap|: {gap:.2e}")
+    assert all(math.isfinite(value) for row in ours for value in row), "a drawn token was outside the filters"
+    assert gap < LOGPROB_TOLERANCE
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_greedy_decoding_matches_the_megatron_engine(refitted_engine, smollm2_policy):
+    engine, _, _ = refitted_engine
+    policy, _, tokenizer = smollm2_policy
+    prompts = chat_prompts(tokenizer, len(QUESTIONS))
+    sampling = SamplingConfig(max_new_tokens=32, greedy=True)
+    megatron = generate(policy, tokenizer, prompts, sampling)
+    vllm = engine.generate_output(tokenizer, prompts, sampling)
+    identical, near_ties = 0, []
+    for row, prompt in enumerate(prompts):
+        ours, theirs = megatron.response_token_ids(row), vllm.response_token_ids(row)
+        if ours == theirs:
+            identical += 1
+            continue
+        at = next((t for t, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        assert at < min(len(ours), len(theirs)), f"row {row}: one response is a prefix of the other"
+        prefix = prompt + ours[:at]
+        both = policy_logprobs(policy, [prefix + [ours[at]], prefix + [theirs[at]]], [len(prefix)] * 2,
+                               len(tokenizer))
+        margin = both[0][0] - both[1][0]
+        near_ties.append((row, at, margin))
+        assert 0 <= margin < NEAR_TIE, f"row {row} parts at token {at} with a log-prob margin {margin:.2e}"
+    print(f"greedy: {identical}/{len(prompts)} identical, near-ties at first divergence: {near_ties}")
+    # The layouts agree too: the same masks and log-probs wherever the tokens agree.
+    for row in range(len(prompts)):
+        if megatron.response_token_ids(row) == vllm.response_token_ids(row):
+            mask = megatron.response_mask[row]
+            assert torch.equal(mask, vllm.response_mask[row])
+            assert torch.allclose(megatron.logprobs[row][mask], vllm.logprobs[row][mask], atol=LOGPROB_TOLERANCE)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_eos_ends_a_response_and_is_kept_as_in_the_megatron_engine(refitted_engine, smollm2_policy):
+    engine, tokenizer = refitted_engine[0], smollm2_policy[2]
+    prompts = chat_prompts(tokenizer, 4)
+    free = engine.generate(prompts, SamplingConfig(max_new_tokens=16, greedy=True, stop_on_eos=False), [])
+    assert all(len(ids) == 16 for ids in free.token_ids) and set(free.finish_reasons) == {"length"}
+    stop_id = free.token_ids[0][5]
+    stopped = engine.generate(prompts, SamplingConfig(max_new_tokens=16, greedy=True, eos_token_ids=[stop_id]),
+                              [stop_id])
+    for ids, full in zip(stopped.token_ids, free.token_ids):
+        expected = full[:full.index(stop_id) + 1] if stop_id in full else full
+        assert ids == expected
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_seed_reproduces_the_samples(refitted_engine, smollm2_policy):
+    engine, _, _ = refitted_engine
+    tokenizer = smollm2_policy[2]
+    # The data builder's shape: 4 samples of each of 32 prompts (more prompt tokens than one scheduler step
+    # of vLLM's default budget, 4096) - rows draw independently, and a repeated call draws the same.
+    prompts = [prompt for prompt in chat_prompts(tokenizer, len(QUESTIONS)) for _ in range(4)]
+    assert sum(map(len, prompts)) > 4096
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.95, seed=7)
+    eos = [tokenizer.eos_token_id]
+    first, again = engine.generate(prompts, sampling, eos), engine.generate(prompts, sampling, eos)
+    other = engine.generate(prompts, SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.95, seed=8), eos)
+    assert first.token_ids == again.token_ids and first.logprobs == again.logprobs
+    assert first.token_ids != other.token_ids
+    distinct_per_prompt = [len({tuple(ids) for ids in first.token_ids[i:i + 4]}) for i in range(0, len(prompts), 4)]
+    assert sum(distinct_per_prompt) > len(QUESTIONS), "the samples of a prompt all drew the same tokens"
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_the_worker_dies_when_the_trainer_is_killed(smollm2_hf_folder, tmp_path):
+    # A stand-in trainer starts an engine, reports the worker's pid, and is SIGKILLed: no clean-up runs in it.
+    script = tmp_path / "trainer.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        from pathlib import Path
+        from nemo_dvpo.inference.vllm_engine import VllmEngine
+        from tests.test_vllm_engine import engine_config
+        engine = VllmEngine(engine_config({smollm2_hf_folder!r}, Path({str(tmp_path / 'worker.log')!r}))).start()
+        print(engine.process.pid, flush=True)
+        time.sleep(3600)
+    """))
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                               env=entry_point_env())
+    try:
+        worker_pid = int(trainer.stdout.readline())
+        os.kill(worker_pid, 0)  # alive now
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and _alive(worker_pid):
+            time.sleep(0.2)
+        assert not _alive(worker_pid), "the vLLM worker outlived its SIGKILLed trainer"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_an_engine_launched_separately_is_reached_at_its_address(smollm2_hf_folder, tmp_path, monkeypatch):
+    # A Slurm het group's engine: started on its own (--listen), reached by address, and kept across
+    # trainers - a resumed trainer reconnects to the same engine.
+    config = engine_config(smollm2_hf_folder, tmp_path / "unused.log")
+    port, key = free_port(), os.urandom(16).hex()
+    env = {**entry_point_env(), "NEMO_DVPO_VLLM_AUTHKEY": key, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "LD_PRELOAD": str(DEFAULT_VENV / "lib" / "libiomp5.so")}
+    server = subprocess.Popen([default_vllm_python(), str(REPO_ROOT / "nemo_dvpo" / "inference" / "vllm_worker.py"),
+                               "--listen", f"127.0.0.1:{port}", "--engine-args", json.dumps(config.llm_kwargs())],
+                              env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        remote = VllmEngineConfig(**{**config.__dict__, "address": f"127.0.0.1:{port}"})
+        monkeypatch.setenv("NEMO_DVPO_VLLM_AUTHKEY", key)
+        deadline = time.time() + 600
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                first = VllmEngine(remote).start()
+                break
+            except NemoDvpoError:
+                assert time.time() < deadline, "the separately launched engine never answered"
+                time.sleep(2)
+        sampling = SamplingConfig(max_new_tokens=8, greedy=True)
+        answer = first.generate([[1, 2, 3, 4]], sampling, [2])
+        first.close()
+        assert server.poll() is None, "disconnecting stopped the separately launched engine"
+        again = VllmEngine(remote).start()
+        assert again.generate([[1, 2, 3, 4]], sampling, [2]).token_ids == answer.token_ids
+        again.close(stop_remote=True)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie - dead, not yet reaped by init - counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_vllm_environment_is_separate():
+    # The trainer's environment must not gain vllm (its transformers 5 would break megatron-bridge).
+    import importlib.util
+
+    assert importlib.util.find_spec("vllm") is None
+    assert DEFAULT_VENV.name == ".venv-vllm"
