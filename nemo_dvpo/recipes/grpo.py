@@ -96,6 +96,7 @@ class GRPORecipe:
             return parts.finish(run, {"reward_model": cfg.reward_model}, metadata={"reward_model": cfg.reward_model})
 
     def cleanup(self) -> None:
+        self.parts.policy.close()
         self.run.cleanup()
 
 

@@ -187,6 +187,7 @@ class PPORecipe:
                 for name, value in metrics.items()}
 
     def cleanup(self) -> None:
+        self.parts.policy.close()
         self.run.cleanup()
 
 

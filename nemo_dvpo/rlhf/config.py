@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from nemo_dvpo.inference.generation import SamplingConfig
+from nemo_dvpo.inference.vllm_engine import VllmEngineConfig
 from nemo_dvpo.models.config import ModelConfig
 from nemo_dvpo.models.lora import LoRAConfig
 from nemo_dvpo.training.optim import OptimConfig
@@ -42,6 +43,11 @@ class RolloutConfig:
     # PPO's old log-probs: "generation" takes those the sampler computed (free; exact when no top-k /
     # top-p filter reshapes the sampling distribution), "recompute" runs a policy forward pass.
     old_logprobs: Literal["generation", "recompute"] = "generation"
+    # What draws the responses: "megatron" (the policy itself, megatron-core's static batch) or "vllm" (a vLLM
+    # engine in its own process and environment - ./setup.sh --with-vllm - refitted with the policy's weights
+    # before each rollout that follows an update; rollout.vllm says how it starts and refits).
+    engine: Literal["megatron", "vllm"] = "megatron"
+    vllm: VllmEngineConfig = field(default_factory=VllmEngineConfig)
 
     def __post_init__(self) -> None:
         if self.prompts_per_step < 1 or self.samples_per_prompt < 1 or self.forward_micro_batch_size < 1:
@@ -50,6 +56,10 @@ class RolloutConfig:
         if self.old_logprobs == "generation" and (self.sampling.top_k != 0 or self.sampling.top_p != 1.0):
             raise ConfigError("rollout.old_logprobs=generation needs rollout.sampling.top_k=0 and top_p=1: with a "
                               "filter the sampler's log-probs are not the policy's; set rollout.old_logprobs=recompute")
+        if self.engine == "vllm" and self.old_logprobs != "recompute":
+            raise ConfigError("rollout.engine=vllm needs rollout.old_logprobs=recompute: PPO's ratio starts from the "
+                              "Megatron policy's own log-probs of the engine's samples (the engine's kernels are not "
+                              "the policy's; their gap is logged as rollout/engine_token_mult_prob_error)")
         if self.sampling.is_greedy:
             raise ConfigError("rollout.sampling must sample (temperature > 0, greedy=false): PPO needs "
                               "log-probs of a stochastic policy")

@@ -43,4 +43,5 @@ def rollout_metrics(sample: Sample, trajectory: Trajectory, records: list[dict],
     variance = (mean_square - means["advantage_mean"] ** 2) * all_tokens / max(all_tokens - 1, 1)
     means["advantage_std"] = max(variance, 0.0) ** 0.5
     means["kl_coef"] = kl_coef
-    return {f"rollout/{name}": value for name, value in means.items()}
+    # The engine's own measurements (every data-parallel rank's engine reports the same names).
+    return {f"rollout/{name}": value for name, value in means.items()} | data_parallel.mean(sample.metrics)

@@ -6,19 +6,24 @@ updates over it (:func:`~nemo_dvpo.algorithms.ppo.policy_loss`); DPO uses the sa
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from nemo_dvpo.algorithms.ppo import AdaptiveKLController, FixedKLController, policy_loss
 from nemo_dvpo.checkpointing.model_checkpoint import load_hf_config_from_checkpoint, load_sharded_weights
 from nemo_dvpo.checkpointing.train_checkpoint import TrainedModel
 from nemo_dvpo.inference.generation import SamplingConfig
+from nemo_dvpo.inference.vllm_engine import VllmEngine, logprob_gap_metrics, refit_from_policy
 from nemo_dvpo.models.builder import build_gpt_model, resolve_hf_config, unwrap_model
 from nemo_dvpo.models.config import ModelConfig
 from nemo_dvpo.models.lora import LoRAConfig, adapters_disabled, has_adapters, merge_adapters
+from nemo_dvpo.models.sources import hf_folder_for
 from nemo_dvpo.rlhf.config import KLConfig, PolicyUpdateConfig, RolloutConfig
 from nemo_dvpo.rlhf.rollout import Sample, sample_rollout, token_logprobs
 from nemo_dvpo.rlhf.trajectory import Trajectory
@@ -27,6 +32,7 @@ from nemo_dvpo.training.data_parallel import DataParallel
 from nemo_dvpo.training.offload import move_parameters, offload_enabled, offloaded
 from nemo_dvpo.training.optim import OptimConfig, build_optimizer, ddp_config_for
 from nemo_dvpo.training.step import configure_for_training
+from nemo_dvpo.utils.distributed import model_parallel_group
 from nemo_dvpo.utils.errors import ConfigError
 
 
@@ -115,6 +121,16 @@ class PolicyModels:
             lora=cfg.lora)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.steps * updates_per_step)
         configure_for_training(self.model, self.optimizer)
+        # rollout.engine=vllm: the engine of this model-parallel group, on its first rank (None elsewhere). Its
+        # weights are stale until refitted: at the start (it serves dummy weights, and a resume restores the
+        # policy after this) and after every update.
+        self.engine: Optional[VllmEngine] = None
+        self.engine_is_stale = True
+        if cfg.rollout.engine == "vllm" and _first_of_model_parallel_group():
+            settings = cfg.rollout.vllm
+            self.engine = VllmEngine(dataclasses.replace(
+                settings, model=settings.model or hf_folder_of(policy_cfg, cfg.init_from),
+                max_model_len=max(settings.max_model_len, seq_length), seed=cfg.train.seed)).start()
 
     @property
     def trained(self) -> TrainedModel:
@@ -126,9 +142,31 @@ class PolicyModels:
         return [param for module in self.model for param in unwrap_model(module).parameters() if param.requires_grad]
 
     def sample(self, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Sample:
+        """One response per prompt from the current policy: drawn by the policy itself, or by the vLLM engine
+        (refitted first if an update changed the policy since) and scored by the policy - PPO's old log-probs
+        are always the policy's own."""
         rollout = self.cfg.rollout
-        return sample_rollout(self.model, tokenizer, prompt_ids, sampling, old_logprobs=rollout.old_logprobs,
-                              vocab_size=self.vocab_size, micro_batch_size=rollout.forward_micro_batch_size)
+        if rollout.engine == "megatron":
+            return sample_rollout(self.model, tokenizer, prompt_ids, sampling, old_logprobs=rollout.old_logprobs,
+                                  vocab_size=self.vocab_size, micro_batch_size=rollout.forward_micro_batch_size)
+        metrics = {}
+        if self.engine_is_stale:
+            started = time.perf_counter()
+            refit_from_policy(self.engine, self.model, self.hf_config)  # collective over the model-parallel group
+            metrics["time/refit_s"] = time.perf_counter() - started
+            self.engine_is_stale = False
+        generation = self.engine.generate_output(tokenizer, prompt_ids, sampling) if self.engine is not None \
+            else None
+        generation = _from_first_of_model_parallel_group(generation)
+        logprobs, entropy = token_logprobs(self.model, generation.tokens, generation.response_mask,
+                                           vocab_size=self.vocab_size, temperature=sampling.temperature,
+                                           micro_batch_size=rollout.forward_micro_batch_size, with_entropy=True)
+        # How far the engine's log-probs of its own samples are from the policy's (NeMo-RL's token_mult_prob_error:
+        # 1.0 is exact agreement; a stale or wrong refit shows here first). Comparable as such without top-k / top-p
+        # filters: the engine reports the filtered distribution's log-probs, the policy the temperature-scaled one.
+        gap = logprob_gap_metrics(generation.logprobs, logprobs, generation.response_mask)
+        metrics |= {f"rollout/engine_{name}": value for name, value in gap.items()}
+        return Sample(generation, logprobs, entropy, metrics)
 
     def reference_logprobs(self, sample: Sample) -> torch.Tensor:
         rollout = self.cfg.rollout
@@ -161,10 +199,40 @@ class PolicyModels:
         metrics = minibatch_update(self.model, self.optimizer, self.scheduler, trajectory, loss, outputs=outputs,
                                    schedule=schedule, data_parallel=self.data_parallel,
                                    seed=(self.cfg.train.seed, "ppo", step))
+        self.engine_is_stale = True
         return {f"train/{name}": value for name, value in metrics.items()}
 
     def finalize(self) -> list[torch.nn.Module]:
         """The policy for the final checkpoint and export (adapters merged)."""
         self.model = finalize_policy(self.model)
         return self.model
+
+    def close(self) -> None:
+        """Stop the rollout engine's process (it also dies with this one, however this one ends)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def hf_folder_of(policy_cfg: ModelConfig, init_from: Optional[str]) -> str:
+    """A Hugging Face folder with the policy's architecture config (a rollout engine's shape): the ``init_from``
+    checkpoint's ``hf/``, else the preset's source as a folder."""
+    if init_from is not None:
+        return str(Path(init_from) / "hf")
+    return hf_folder_for(policy_cfg.source).location
+
+
+def _first_of_model_parallel_group() -> bool:
+    group = model_parallel_group()
+    return group is None or dist.get_rank(group) == 0
+
+
+def _from_first_of_model_parallel_group(value):
+    """``value`` of the model-parallel group's first rank, on every rank of the group."""
+    group = model_parallel_group()
+    if group is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -21,6 +21,8 @@ class Sample:
     old_logprobs: torch.Tensor
     # Entropy of the sampling distribution at each response token (only with "recompute").
     entropy: Optional[torch.Tensor] = None
+    # What the rollout engine measured, named as logged (a vLLM engine's refit time and log-prob gap).
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens(self) -> torch.Tensor:
