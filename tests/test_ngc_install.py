@@ -1,14 +1,15 @@
 """The NGC install (nvcr.io/nvidia/pytorch:25.09-py3) resolves: tools/check_ngc_install.py.
 
 The live resolution asks PyPI (one to three minutes, network), so the quick tests check the recorded one
-(constraints/ngc-pytorch-25.09-resolution.json) offline and independently of pip; the live run is marked slow and
-skipped without network.
+(constraints/ngc-pytorch-25.09-resolution.json) offline and independently of pip, in every run; the live run is
+opt-in (NEMO_DVPO_NETWORK_TESTS=1), keeping the suite within its time and off PyPI's availability.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -108,6 +109,9 @@ def _pypi_reachable() -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("NEMO_DVPO_NETWORK_TESTS") != "1",
+                    reason="asks PyPI for 140 packages (1.5-3 minutes): set NEMO_DVPO_NETWORK_TESTS=1 to run it; "
+                           "the recorded resolution is checked offline above in every run")
 def test_live_resolution_against_pypi():
     if not _pypi_reachable():
         pytest.skip("PyPI is not reachable from this machine")
