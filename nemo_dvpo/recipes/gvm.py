@@ -134,7 +134,8 @@ class TDLambdaObjective:
         self.gamma, self.lam, self.passes = train.gamma, train.lam, train.passes_per_batch
 
     def check_data(self, data: TokenizedPreferenceData, path: str) -> None:
-        pass  # pairs and scored records both carry a final label
+        """Nothing to refuse: pairs (+1 / -1) and scored records alike give every response the final label
+        whose return-to-go the values regress onto (the reward model, by contrast, needs pairs)."""
 
     def returns(self, values: torch.Tensor, batch: ValueBatch) -> torch.Tensor:
         return lambda_returns(values, terminal_rewards(batch.labels, batch.response_mask), batch.response_mask,
