@@ -37,7 +37,7 @@ def test_the_shell_scripts_pass_shellcheck():
 
 def test_ci_runs_the_readme_test_command():
     readme = (REPO_ROOT / "README.md").read_text()
-    command = "./setup.sh && .venv/bin/python -m pytest -q tests"
+    command = "./setup.sh && .venv/bin/python -m pytest -q -n 2 tests"
     assert command in readme
     assert command in (REPO_ROOT / ".ci" / "run").read_text()
 

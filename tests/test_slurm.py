@@ -56,6 +56,9 @@ class SlurmCluster:
             f"NodeName={name} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port={port} CPUs=2 "
             f"RealMemory=8000 State=UNKNOWN" for name, port in zip(nodes, node_ports))
         self.conf = root / "slurm.conf"
+        # MinJobAge=0 (never purge finished jobs, fine for a cluster that lives one module): `sbatch --wait` polls
+        # every 2 s, then 8 s, then 32 s unless a third of MinJobAge is below that - with the default of 300 s
+        # every job here took at least 42 s however soon it ended.
         self.conf.write_text(f"""ClusterName=nemodvpotest
 SlurmctldHost={socket.gethostname()}(127.0.0.1)
 SlurmctldPort={ctld_port}
@@ -81,6 +84,7 @@ SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 DefMemPerCPU=1000
 JobCompType=jobcomp/none
+MinJobAge=0
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 {node_lines}
