@@ -125,8 +125,9 @@ class ServerProcess:
         return self.process.wait(timeout=60)
 
 
-def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
-    """Start ``command`` and SIGKILL it as soon as ``run_dir`` has a checkpoint; it must not have finished."""
+def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> int:
+    """Start ``command`` and SIGKILL it as soon as ``run_dir`` has a checkpoint; it must not have finished.
+    Returns the killed process's pid."""
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=entry_point_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
@@ -137,6 +138,7 @@ def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (run_dir / "final").exists(), "the run finished before the kill: nothing was tested"
+    return process.pid
 
 
 @pytest.fixture(scope="session")

@@ -586,3 +586,28 @@ def test_answers_from_an_openai_compatible_server(tiny_server, tmp_path):
         assert record["generation"]["finish_reason"] == "length" and record["generation"]["completion_tokens"] == 5
         assert record["answer"]
     assert json.loads((out / "scores.json").read_text())["ifeval"]["n"] == 2
+
+
+def test_the_vllm_engine_is_refused_where_it_cannot_answer(tmp_path, capsys):
+    """--engine vllm draws --model's answers in one process: with another answer source, or with a Megatron
+    layout it would not use, the tool stops at its arguments; a preset without a Hugging Face config (random
+    weights) has nothing to start the engine on, and is named."""
+    from nemo_dvpo.inference.policy import Policy, use_vllm_engine
+    from nemo_dvpo.inference.vllm_engine import VllmEngineConfig
+    from nemo_dvpo.models.config import load_model_config
+    from nemo_dvpo.utils.errors import ConfigError
+    from tests.conftest import load_script
+
+    tool = load_script("tools/eval_benchmarks.py")
+    out = str(tmp_path / "out")
+    for arguments, message in [
+            (["--answers-from", "http://127.0.0.1:1/v1", "--engine", "vllm"], "--engine vllm draws the answers of --model"),
+            (["--model", "tiny", "--engine", "vllm", "--tensor-parallel", "2"], "leave --tensor-parallel"),
+            (["--model", "tiny", "--engine", "vllm", "--vllm-tensor-parallel", "0"], "--vllm-tensor-parallel must be >= 1")]:
+        with pytest.raises(SystemExit):
+            tool.parse_args([*arguments, "--output-dir", out])
+        assert message in capsys.readouterr().err
+    random_preset = Policy(model=None, model_cfg=load_model_config("tiny"), tokenizer=None, name="tiny",
+                           eos_token_ids=[2], max_length=64)
+    with pytest.raises(ConfigError, match="'tiny' has no Hugging Face config to start a vLLM engine on"):
+        use_vllm_engine(random_preset, "tiny", VllmEngineConfig())

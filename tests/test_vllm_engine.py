@@ -312,6 +312,70 @@ def test_greedy_decoding_matches_the_megatron_engine(refitted_engine, smollm2_po
 
 @needs_vllm
 @pytest.mark.slow
+def test_completions_by_the_engine_are_its_own_tokens_cut_and_decoded_as_the_megatron_engines(refitted_engine,
+                                                                                               smollm2_policy):
+    """``complete()`` on a Policy that holds an engine (what ``tools/eval_benchmarks.py --engine vllm`` answers
+    with): each reply is the engine's own greedy tokens under the request's limit, its text cut at a stop string
+    by the same rules - so wherever the two engines draw the same tokens, the completions are equal."""
+    import dataclasses
+
+    from nemo_dvpo.inference.completion import CompletionRequest, complete
+    from nemo_dvpo.inference.policy import Policy, stop_token_ids
+    from nemo_dvpo.models.config import load_model_config
+
+    engine, _, _ = refitted_engine
+    model, _, tokenizer = smollm2_policy
+    model_cfg = load_model_config("smollm2_135m")
+    eos_ids = stop_token_ids(tokenizer, model_cfg)
+    megatron_policy = Policy(model=model, model_cfg=model_cfg, tokenizer=tokenizer, name="smollm2",
+                             eos_token_ids=eos_ids, max_length=512)
+    # As use_vllm_engine leaves it: the engine holds the weights, the Megatron copy is gone.
+    vllm_policy = dataclasses.replace(megatron_policy, model=None, engine=engine)
+    prompts = chat_prompts(tokenizer, 12)
+    requests = [CompletionRequest(prompt, max_tokens=6 + 5 * (row % 4), stop=["."] if row % 3 == 0 else [])
+                for row, prompt in enumerate(prompts)]
+    greedy = SamplingConfig(greedy=True, max_new_tokens=1)  # complete() sets the batch's length itself
+    ours, theirs = complete(megatron_policy, requests, greedy), complete(vllm_policy, requests, greedy)
+    drawn = engine.generate_output(tokenizer, prompts, SamplingConfig(greedy=True, max_new_tokens=21),
+                                   eos_token_ids=eos_ids)
+    same = 0
+    for row, request in enumerate(requests):
+        assert theirs[row].token_ids == drawn.response_token_ids(row)[:request.max_tokens], row
+        assert theirs[row].prompt_tokens == len(prompts[row])
+        if ours[row].token_ids == theirs[row].token_ids:
+            same += 1
+            assert ours[row] == theirs[row], row
+    cut = [row for row, request in enumerate(requests)
+           if request.stop and "." in tokenizer.decode(theirs[row].token_ids, skip_special_tokens=True)]
+    assert cut, "no reply reached its stop string: the cut was not exercised"
+    assert all(theirs[row].finish_reason == "stop" and "." not in theirs[row].text for row in cut)
+    print(f"completions: {same}/{len(requests)} with the same tokens as the Megatron engine's")
+    with pytest.raises(ValueError, match="streaming needs the Megatron engine"):
+        complete(vllm_policy, requests[:1], greedy, on_token=lambda row, token: None)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_the_benchmark_tool_answers_with_a_refitted_vllm_engine(tmp_path):
+    """``tools/eval_benchmarks.py --engine vllm``: the engine starts on the model's architecture, gets the weights
+    Megatron loaded by refit, answers, and is gone when the tool ends; the answers say where they came from."""
+    out = tmp_path / "vllm_eval"
+    completed = subprocess.run([sys.executable, "tools/eval_benchmarks.py", "--model", "smollm2_135m", "--engine", "vllm",
+                                "--vllm-eager", "--benchmarks", "ifeval", "--limit", "3", "--max-new-tokens", "12",
+                                "--max-sequence-length", "512", "--output-dir", str(out)],
+                               cwd=REPO_ROOT, env=entry_point_env(), capture_output=True, text=True, timeout=1200)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
+    assert "[vllm] smollm2_135m: " in completed.stdout and "refitted in" in completed.stdout
+    answers = [json.loads(line) for line in (out / "ifeval" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 3
+    for record in answers:
+        assert record["generation"]["source"] == "vllm:smollm2_135m"
+        assert 0 < record["generation"]["completion_tokens"] <= 12 and record["answer"]
+    assert json.loads((out / "scores.json").read_text())["ifeval"]["n"] == 3
+
+
+@needs_vllm
+@pytest.mark.slow
 def test_eos_ends_a_response_and_is_kept_as_in_the_megatron_engine(refitted_engine, smollm2_policy):
     engine, tokenizer = refitted_engine[0], smollm2_policy[2]
     prompts = chat_prompts(tokenizer, 4)
@@ -453,23 +517,34 @@ def smollm2_gvm(megatron_single_rank, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.slow
-@needs_vllm
-def test_a_dvpo_run_samples_with_vllm_refits_after_each_update_and_scores_with_the_policy(smollm2_gvm, tmp_path):
-    """Three DVPO steps of SmolLM2 with rollout.engine=vllm: every rollout after an update follows a refit, the
-    engine's log-probs of its samples equal the Megatron policy's within the engines' rounding (the ratio starts
-    from the policy's own), and the engine's process is gone when the run ends."""
-    run_dir = tmp_path / "dvpo_vllm"
-    command = [sys.executable, "examples/train_dvpo.py", f"gvm={smollm2_gvm}", f"run_dir={run_dir}", "train.steps=3",
-               "train.kl_budget=null", "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=12",
-               "ppo.mini_batch_size=2", "ppo.micro_batch_size=1", "eval.before=false", "eval.after=false",
-               "export_hf=false", "rollout.engine=vllm", "rollout.old_logprobs=recompute",
-               "rollout.vllm.cpu_kv_cache_gib=1", "rollout.vllm.cpu_threads_bind=nobind",
-               "+rollout.vllm.engine_kwargs.enforce_eager=true", f"rollout.vllm.log_file={tmp_path / 'worker.log'}"]
-    trainer = subprocess.Popen(command, cwd=REPO_ROOT, env=entry_point_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+def _dvpo_vllm_command(gvm: Path, run_dir: Path, log_file: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "examples/train_dvpo.py", f"gvm={gvm}", f"run_dir={run_dir}", "train.steps=3",
+            "train.save_every=1", "train.kl_budget=null", "rollout.prompts_per_step=2",
+            "rollout.sampling.max_new_tokens=12", "ppo.mini_batch_size=2", "ppo.micro_batch_size=1",
+            "eval.before=false", "eval.after=false", "export_hf=false", "rollout.engine=vllm",
+            "rollout.old_logprobs=recompute", "rollout.vllm.cpu_kv_cache_gib=1", "rollout.vllm.cpu_threads_bind=nobind",
+            "+rollout.vllm.engine_kwargs.enforce_eager=true", f"rollout.vllm.log_file={log_file}", *overrides]
+
+
+@pytest.fixture(scope="module")
+def dvpo_vllm_run(smollm2_gvm, tmp_path_factory):
+    """Three DVPO steps of SmolLM2 with rollout.engine=vllm: (run folder, worker log, trainer pid, output)."""
+    work = tmp_path_factory.mktemp("dvpo_vllm")
+    run_dir, log_file = work / "uninterrupted", work / "worker.log"
+    trainer = subprocess.Popen(_dvpo_vllm_command(smollm2_gvm, run_dir, log_file), cwd=REPO_ROOT,
+                               env=entry_point_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output, _ = trainer.communicate(timeout=1800)
     assert trainer.returncode == 0, output[-6000:]
+    return run_dir, log_file, trainer.pid
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_a_dvpo_run_samples_with_vllm_refits_after_each_update_and_scores_with_the_policy(dvpo_vllm_run):
+    """Every rollout after an update follows a refit, the engine's log-probs of its samples equal the Megatron
+    policy's within the engines' rounding (the ratio starts from the policy's own), and the engine's process is
+    gone when the run ends."""
+    run_dir, log_file, trainer_pid = dvpo_vllm_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [1, 2, 3]
     # A refit before the first rollout (dummy weights) and after each update.
@@ -481,8 +556,36 @@ def test_a_dvpo_run_samples_with_vllm_refits_after_each_update_and_scores_with_t
     # Step 1 samples from the starting policy, which is the reference; old log-probs are the policy's own.
     assert records[0]["rollout/kl"] == pytest.approx(0.0, abs=1e-4)
     # The trainer started its worker (its command line names the trainer's pid), and no such worker outlived it.
-    assert (tmp_path / "worker.log").stat().st_size > 0
-    assert not _workers_of(trainer.pid)
+    assert log_file.stat().st_size > 0
+    assert not _workers_of(trainer_pid)
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_a_killed_vllm_run_resumes_exactly(dvpo_vllm_run, smollm2_gvm, tmp_path):
+    """SIGKILL after the first checkpoint (the engine's worker dies with the trainer), then resume=true: a new
+    engine is refitted with the restored policy before its first rollout, and with each step's sampling seed
+    fixed by the step, every logged number equals the uninterrupted run's."""
+    from tests.conftest import kill_after_first_checkpoint
+
+    uninterrupted, _, _ = dvpo_vllm_run
+    killed, log_file = tmp_path / "killed", tmp_path / "worker.log"
+    trainer_pid = kill_after_first_checkpoint(_dvpo_vllm_command(smollm2_gvm, killed, log_file), killed)
+    deadline = time.time() + 30  # the worker's parent-death signal acts at once, its watchdog within a second
+    while _workers_of(trainer_pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _workers_of(trainer_pid), "the killed trainer's vLLM worker outlived it"
+    resumed = subprocess.run(_dvpo_vllm_command(smollm2_gvm, killed, log_file, "resume=true"), cwd=REPO_ROOT,
+                             env=entry_point_env(), capture_output=True, text=True, timeout=1800)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
+
+    def step_metrics(run_dir: Path) -> dict[int, dict]:
+        return {record["step"]: {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
+                for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+    expected, actual = step_metrics(uninterrupted), step_metrics(killed)
+    assert sorted(actual) == [1, 2, 3]
+    assert actual == expected
 
 
 def _workers_of(parent_pid: int) -> list[int]:

@@ -4,12 +4,14 @@
     python tools/eval_benchmarks.py --model smollm2_135m --output-dir evals/smollm2 \\
         --judge-base-url https://api.openai.com/v1 --judge-model gpt-4.1          # all four benchmarks
     torchrun --nproc-per-node 8 tools/eval_benchmarks.py --model CHECKPOINT --tensor-parallel 2 ...
+    python tools/eval_benchmarks.py --model runs/dvpo/final --engine vllm --benchmarks ifeval --output-dir evals/dvpo
     python tools/eval_benchmarks.py --answers-from http://127.0.0.1:8001/v1 --output-dir evals/served ...
     python tools/eval_benchmarks.py --compare evals/smollm2 evals/dvpo --output-dir evals/report
 
-Answers come from Megatron inference (--model: a nemo_dvpo checkpoint, a Hugging Face folder or a preset;
-batched, any TP/PP, data-parallel replicas share the questions) or from any OpenAI-compatible server
-(--answers-from, e.g. examples/serve_policy.py). Judges are any OpenAI-compatible endpoint. Everything is
+Answers come from the model --model names (a nemo_dvpo checkpoint, a Hugging Face folder or a preset): drawn by
+Megatron inference (batched, any TP/PP, data-parallel replicas share the questions) or, with --engine vllm, by a
+vLLM engine (its own environment, .venv-vllm from tools/setup_vllm_env.sh) refitted with the weights Megatron
+loaded; or from any OpenAI-compatible server (--answers-from, e.g. examples/serve_policy.py). Judges are any OpenAI-compatible endpoint. Everything is
 cached in the output folder: a rerun or a killed run does no answer or judgment twice. The library is
 nemo_dvpo/evaluation/benchmarks/ (what each score means is in its modules' docstrings and the README).
 """
@@ -60,11 +62,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     generation.add_argument("--pipeline-parallel", type=int, default=1)
     generation.add_argument("--max-sequence-length", type=int, default=None,
                             help="prompt plus answer in tokens (default: the model's, capped at 4096)")
+    generation.add_argument("--engine", choices=("megatron", "vllm"), default="megatron",
+                            help="what draws --model's answers: Megatron inference, or a vLLM engine refitted "
+                                 "with the weights Megatron loaded (one process; no torchrun)")
+    generation.add_argument("--vllm-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                            help="the vLLM engine's dtype (default: the model's precision)")
+    generation.add_argument("--vllm-tensor-parallel", type=int, default=1, help="GPUs of the vLLM engine")
+    generation.add_argument("--vllm-eager", action="store_true",
+                            help="no CUDA graphs / torch.compile in the vLLM engine (on CPU its compile warm-up "
+                                 "costs minutes)")
+    generation.add_argument("--vllm-python", default=None,
+                            help="the vLLM environment's python (default: .venv-vllm/bin/python)")
     args = parser.parse_args(argv)
     given = [name for name in ("model", "answers_from", "compare") if getattr(args, name)]
     if len(given) != 1:
         parser.error("give exactly one of --model, --answers-from or --compare")
-    for name in ("limit", "max_new_tokens", "batch_size", "concurrency", "judge_concurrency"):
+    if args.engine == "vllm" and not args.model:
+        parser.error("--engine vllm draws the answers of --model")
+    if args.engine == "vllm" and (args.tensor_parallel, args.pipeline_parallel) != (1, 1):
+        parser.error("--engine vllm loads --model in one process: leave --tensor-parallel and --pipeline-parallel "
+                     "at 1 (--vllm-tensor-parallel spreads the engine)")
+    for name in ("limit", "max_new_tokens", "batch_size", "concurrency", "judge_concurrency",
+                 "vllm_tensor_parallel"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -102,8 +121,8 @@ def main(argv=None) -> None:
                  args.name or answerer.model)
         return
 
-    from nemo_dvpo.evaluation.benchmarks.answers import MegatronAnswerer
-    from nemo_dvpo.inference.policy import load_policy, policy_model_config
+    from nemo_dvpo.evaluation.benchmarks.answers import PolicyAnswerer
+    from nemo_dvpo.inference.policy import load_policy, policy_model_config, use_vllm_engine, vllm_dtype
     from nemo_dvpo.training.data_parallel import DataParallel
     from nemo_dvpo.utils.distributed import ParallelConfig, destroy_distributed, is_rank_zero
 
@@ -112,11 +131,20 @@ def main(argv=None) -> None:
     parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_parallel,
                               pipeline_model_parallel_size=args.pipeline_parallel)
     policy = load_policy(args.model, parallel, max_length=args.max_sequence_length, name=args.name)
-    answerer = MegatronAnswerer(policy, args.batch_size, DataParallel.from_parallel_state(), seed=args.seed)
     try:
+        if args.engine == "vllm":
+            from nemo_dvpo.inference.vllm_engine import VllmEngineConfig
+
+            use_vllm_engine(policy, args.model, VllmEngineConfig(
+                python=args.vllm_python, dtype=args.vllm_dtype or vllm_dtype(policy.model_cfg),
+                tensor_parallel_size=args.vllm_tensor_parallel, seed=args.seed,
+                engine_kwargs={"enforce_eager": True} if args.vllm_eager else {}))
+        answerer = PolicyAnswerer(policy, args.batch_size, DataParallel.from_parallel_state(), seed=args.seed)
         evaluate(names, output_dir, answerer, judge, args.limit, args.max_new_tokens, args.seed, policy.name,
                  is_writer=is_rank_zero())
     finally:
+        if policy.engine is not None:
+            policy.engine.close()
         destroy_distributed()
 
 

@@ -1,7 +1,7 @@
 """Completions as an API gives them: per-request token limits, stop strings and a finish reason.
 
-:func:`complete` runs one :func:`nemo_dvpo.inference.generation.generate` call for a batch of prompts that
-share their sampling settings, with the longest token limit among them; each reply is then cut to its
+:func:`complete` runs one :func:`nemo_dvpo.inference.generation.generate` call (or one call of the policy's vLLM
+engine, ``Policy.engine``) for a batch of prompts that share their sampling settings, with the longest token limit among them; each reply is then cut to its
 own limit (``finish_reason="length"``), at its end-of-sequence token (``"stop"``) or before the first of
 its stop strings (``"stop"``, the string itself left out, as in OpenAI's API). Greedy replies are
 therefore exactly what each prompt gets alone. Collective over the model-parallel group, like ``generate``.
@@ -73,8 +73,14 @@ def complete(policy, requests: Sequence[CompletionRequest], sampling: SamplingCo
                 drawn[row] += 1
                 on_token(row, token)
 
-    output = generate(policy.model, policy.tokenizer, contexts, sampling, eos_token_ids=policy.eos_token_ids or None,
-                      on_step=announce if on_token is not None else None)
+    if policy.engine is not None:  # the vLLM engine draws the whole batch at once: nothing to stream
+        if on_token is not None:
+            raise ValueError("token streaming needs the Megatron engine; this policy answers with vLLM")
+        output = policy.engine.generate_output(policy.tokenizer, contexts, sampling,
+                                               eos_token_ids=policy.eos_token_ids or None)
+    else:
+        output = generate(policy.model, policy.tokenizer, contexts, sampling,
+                          eos_token_ids=policy.eos_token_ids or None, on_step=announce if on_token is not None else None)
     completions = []
     for row, request in enumerate(requests):
         new_ids = output.response_token_ids(row)[:request.max_tokens - len(request.reply_ids)]

@@ -3,7 +3,8 @@
 
 The one policy loader for generation: the policy server (examples/serve_policy.py), the benchmark evaluation
 (tools/eval_benchmarks.py) and the preference-data builder (tools/build_preference_data.py) all load here and
-answer prompts with :func:`nemo_dvpo.inference.generation.generate`. The ids that end a reply follow the one
+answer prompts with :func:`nemo_dvpo.inference.generation.generate` - or, after :func:`use_vllm_engine`, with
+the vLLM engine the loaded weights were refitted into. The ids that end a reply follow the one
 EOS rule, :func:`nemo_dvpo.models.sources.special_token_ids` (see :func:`stop_token_ids`).
 """
 
@@ -24,6 +25,8 @@ class Policy:
     name: str  # what it is called in answers and by the OpenAI API
     eos_token_ids: list[int]  # the ids that end a reply (stop_token_ids)
     max_length: int  # prompt plus reply, in tokens (the length the model was built for)
+    # A vLLM engine holding this policy's weights (use_vllm_engine): it draws the replies instead of ``model``.
+    engine: Any = None
 
 
 def is_model_checkpoint(spec: str) -> bool:
@@ -103,6 +106,58 @@ def load_policy(spec, parallel, max_length: Optional[int] = None, precision: Opt
     built_length = unwrap_model(module).max_sequence_length
     return Policy(model=model, model_cfg=model_cfg, tokenizer=tokenizer, name=name or _default_name(spec),
                   eos_token_ids=stop_token_ids(tokenizer, model_cfg), max_length=built_length)
+
+
+def vllm_dtype(model_cfg) -> str:
+    """The vLLM dtype of a model's precision (the engine computes as the Megatron model would)."""
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[model_cfg.precision]
+
+
+def use_vllm_engine(policy: Policy, spec, settings) -> Policy:
+    """Hand ``policy``'s generation to a vLLM engine (``settings``: a ``VllmEngineConfig``; its own environment and
+    process): started on the policy's architecture with random weights, refitted with the weights loaded here -
+    so a checkpoint is answered with exactly what was trained, LoRA merged - after which the Megatron copy is
+    dropped (the engine holds the weights now). One process: ``settings.tensor_parallel_size`` spreads the
+    engine itself over GPUs. An unset ``settings.model`` is the policy's Hugging Face folder; ``max_model_len``
+    is the policy's ``max_length``; on CPU an unset thread binding gives the engine this process's threads."""
+    import dataclasses
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from nemo_dvpo.checkpointing.model_checkpoint import load_hf_config_from_checkpoint
+    from nemo_dvpo.inference.vllm_engine import VllmEngine, refit_from_policy
+    from nemo_dvpo.models.builder import resolve_hf_config
+    from nemo_dvpo.models.sources import hf_folder_for
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ConfigError(f"the vLLM engine answers from one process, this run has {dist.get_world_size()} ranks: "
+                          "run without torchrun (the engine's tensor_parallel_size spreads it over GPUs)")
+    if isinstance(spec, str) and is_model_checkpoint(spec):
+        folder, hf_config = str(Path(spec) / "hf"), load_hf_config_from_checkpoint(spec)
+    elif policy.model_cfg.source is not None:
+        folder, hf_config = hf_folder_for(policy.model_cfg.source).location, resolve_hf_config(policy.model_cfg)
+    else:
+        raise ConfigError(f"model {policy.name!r} has no Hugging Face config to start a vLLM engine on "
+                          "(a random-weight preset): convert it to a checkpoint first")
+    settings = dataclasses.replace(settings, model=settings.model or folder, max_model_len=policy.max_length)
+    if not torch.cuda.is_available() and settings.cpu_threads_bind is None:
+        # On CPU the engine gets this process's threads (unbound; vLLM's default binding gives it one thread),
+        # which sit idle while it answers.
+        settings = dataclasses.replace(settings, cpu_threads_bind="nobind",
+                                       cpu_threads=settings.cpu_threads or torch.get_num_threads())
+    engine = VllmEngine(settings).start()
+    try:
+        stats = refit_from_policy(engine, policy.model, hf_config)
+    except BaseException:
+        engine.close()
+        raise
+    print(f"[vllm] {policy.name}: {stats.tensors} tensors ({stats.bytes / 2**20:.0f} MiB) refitted in "
+          f"{stats.seconds:.1f} s; the engine answers from here on", flush=True)
+    policy.model, policy.engine = None, engine
+    gc.collect()
+    return policy
 
 
 def _default_name(spec) -> str:

@@ -1,7 +1,8 @@
-"""Where answers come from: our Megatron inference (any TP/PP/DP) or any OpenAI-compatible server.
+"""Where answers come from: a loaded policy (Megatron inference at any TP/PP/DP, or the vLLM engine it was
+refitted into) or any OpenAI-compatible server.
 
 Both answer a list of chats with one set of sampling settings and return one :class:`Answer` per chat.
-:class:`MegatronAnswerer` is collective: every rank calls it with the same chats; each data-parallel
+:class:`PolicyAnswerer` is collective: every rank calls it with the same chats; each data-parallel
 replica answers its share in batches and rank 0 gets all answers.
 """
 
@@ -37,12 +38,13 @@ def batch_seed(base_seed: int, ids: list) -> int:
     return (base_seed + zlib.crc32("|".join(map(str, ids)).encode())) % 2**31
 
 
-class MegatronAnswerer:
-    """Answers with :func:`nemo_dvpo.inference.completion.complete` on a loaded :class:`Policy`."""
+class PolicyAnswerer:
+    """Answers with :func:`nemo_dvpo.inference.completion.complete` on a loaded :class:`Policy` (drawn by its
+    Megatron model, or by its vLLM engine: ``Policy.engine``)."""
 
     def __init__(self, policy, batch_size: int, data_parallel, seed: int = 0):
         self.policy, self.batch_size, self.data_parallel, self.seed = policy, batch_size, data_parallel, seed
-        self.source = f"megatron:{policy.name}"
+        self.source = f"{'vllm' if policy.engine is not None else 'megatron'}:{policy.name}"
 
     @property
     def round_size(self) -> int:
