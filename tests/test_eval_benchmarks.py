@@ -601,9 +601,11 @@ def test_the_vllm_engine_is_refused_where_it_cannot_answer(tmp_path, capsys):
     tool = load_script("tools/eval_benchmarks.py")
     out = str(tmp_path / "out")
     for arguments, message in [
-            (["--answers-from", "http://127.0.0.1:1/v1", "--engine", "vllm"], "--engine vllm draws the answers of --model"),
+            (["--answers-from", "http://127.0.0.1:1/v1", "--engine", "vllm"],
+             "--engine vllm draws the answers of --model"),
             (["--model", "tiny", "--engine", "vllm", "--tensor-parallel", "2"], "leave --tensor-parallel"),
-            (["--model", "tiny", "--engine", "vllm", "--vllm-tensor-parallel", "0"], "--vllm-tensor-parallel must be >= 1")]:
+            (["--model", "tiny", "--engine", "vllm", "--vllm-tensor-parallel", "0"],
+             "--vllm-tensor-parallel must be >= 1")]:
         with pytest.raises(SystemExit):
             tool.parse_args([*arguments, "--output-dir", out])
         assert message in capsys.readouterr().err

@@ -362,7 +362,7 @@ def test_a_reply_generated_in_slices_is_the_reply_generated_at_once(tiny):
     from nemo_dvpo.inference.completion import CompletionRequest, complete
 
     model, tokenizer = tiny
-    policy = types.SimpleNamespace(model=model, tokenizer=tokenizer, max_length=256,
+    policy = types.SimpleNamespace(model=model, engine=None, tokenizer=tokenizer, max_length=256,
                                    eos_token_ids=[tokenizer.eos_token_id])
     greedy, limit = SamplingConfig(greedy=True), 30
     whole = complete(policy, [CompletionRequest(prompt, limit) for prompt in TINY_PROMPTS], greedy)
@@ -391,7 +391,7 @@ def test_a_slice_continues_the_reply_and_stops_at_its_own_limit(tiny):
     from nemo_dvpo.inference.completion import CompletionRequest, complete
 
     model, tokenizer = tiny
-    policy = types.SimpleNamespace(model=model, tokenizer=tokenizer, max_length=256, eos_token_ids=[-1])
+    policy = types.SimpleNamespace(model=model, engine=None, tokenizer=tokenizer, max_length=256, eos_token_ids=[-1])
     first = complete(policy, [CompletionRequest(TINY_PROMPTS[0], 10)], GREEDY_UNSTOPPED, slice_tokens=6)[0]
     assert first.finish_reason is None and len(first.token_ids) == 6 == first.completion_tokens
     second = complete(policy, [CompletionRequest(TINY_PROMPTS[0], 10, reply_ids=first.token_ids)], GREEDY_UNSTOPPED,

@@ -11,9 +11,10 @@
 Answers come from the model --model names (a nemo_dvpo checkpoint, a Hugging Face folder or a preset): drawn by
 Megatron inference (batched, any TP/PP, data-parallel replicas share the questions) or, with --engine vllm, by a
 vLLM engine (its own environment, .venv-vllm from tools/setup_vllm_env.sh) refitted with the weights Megatron
-loaded; or from any OpenAI-compatible server (--answers-from, e.g. examples/serve_policy.py). Judges are any OpenAI-compatible endpoint. Everything is
-cached in the output folder: a rerun or a killed run does no answer or judgment twice. The library is
-nemo_dvpo/evaluation/benchmarks/ (what each score means is in its modules' docstrings and the README).
+loaded; or from any OpenAI-compatible server (--answers-from, e.g. examples/serve_policy.py). Judges are any
+OpenAI-compatible endpoint. Everything is cached in the output folder: a rerun or a killed run does no answer or
+judgment twice. The library is nemo_dvpo/evaluation/benchmarks/ (what each score means is in its modules'
+docstrings and the README).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Completions as an API gives them: per-request token limits, stop strings and a finish reason.
 
 :func:`complete` runs one :func:`nemo_dvpo.inference.generation.generate` call (or one call of the policy's vLLM
-engine, ``Policy.engine``) for a batch of prompts that share their sampling settings, with the longest token limit among them; each reply is then cut to its
-own limit (``finish_reason="length"``), at its end-of-sequence token (``"stop"``) or before the first of
+engine, ``Policy.engine``) for a batch of prompts that share their sampling settings, with the longest token
+limit among them; each reply is then cut to its own limit (``finish_reason="length"``), at its end-of-sequence token (``"stop"``) or before the first of
 its stop strings (``"stop"``, the string itself left out, as in OpenAI's API). Greedy replies are
 therefore exactly what each prompt gets alone. Collective over the model-parallel group, like ``generate``.
 
@@ -79,8 +79,8 @@ def complete(policy, requests: Sequence[CompletionRequest], sampling: SamplingCo
         output = policy.engine.generate_output(policy.tokenizer, contexts, sampling,
                                                eos_token_ids=policy.eos_token_ids or None)
     else:
-        output = generate(policy.model, policy.tokenizer, contexts, sampling,
-                          eos_token_ids=policy.eos_token_ids or None, on_step=announce if on_token is not None else None)
+        output = generate(policy.model, policy.tokenizer, contexts, sampling, eos_token_ids=policy.eos_token_ids or None,
+                          on_step=announce if on_token is not None else None)
     completions = []
     for row, request in enumerate(requests):
         new_ids = output.response_token_ids(row)[:request.max_tokens - len(request.reply_ids)]
