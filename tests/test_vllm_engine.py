@@ -361,8 +361,8 @@ def test_the_benchmark_tool_answers_with_a_refitted_vllm_engine(tmp_path):
     Megatron loaded by refit, answers, and is gone when the tool ends; the answers say where they came from."""
     out = tmp_path / "vllm_eval"
     completed = subprocess.run([sys.executable, "tools/eval_benchmarks.py", "--model", "smollm2_135m",
-                                "--engine", "vllm", "--vllm-eager", "--benchmarks", "ifeval", "--limit", "3", "--max-new-tokens", "12",
-                                "--max-sequence-length", "512", "--output-dir", str(out)],
+                                "--engine", "vllm", "--vllm-eager", "--benchmarks", "ifeval", "--limit", "3",
+                                "--max-new-tokens", "12", "--max-sequence-length", "512", "--output-dir", str(out)],
                                cwd=REPO_ROOT, env=entry_point_env(), capture_output=True, text=True, timeout=1200)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
     assert "[vllm] smollm2_135m: " in completed.stdout and "refitted in" in completed.stdout

@@ -2,9 +2,10 @@
 
 :func:`complete` runs one :func:`nemo_dvpo.inference.generation.generate` call (or one call of the policy's vLLM
 engine, ``Policy.engine``) for a batch of prompts that share their sampling settings, with the longest token
-limit among them; each reply is then cut to its own limit (``finish_reason="length"``), at its end-of-sequence token (``"stop"``) or before the first of
-its stop strings (``"stop"``, the string itself left out, as in OpenAI's API). Greedy replies are
-therefore exactly what each prompt gets alone. Collective over the model-parallel group, like ``generate``.
+limit among them; each reply is then cut to its own limit (``finish_reason="length"``), at its end-of-sequence
+token (``"stop"``) or before the first of its stop strings (``"stop"``, the string itself left out, as in
+OpenAI's API). Greedy replies are therefore exactly what each prompt gets alone. Collective over the
+model-parallel group, like ``generate``.
 
 A long reply can be produced in slices (``slice_tokens``): a call then generates at most that many tokens, a
 reply not finished by then comes back with ``finish_reason=None`` and its tokens so far, and the next call
@@ -79,7 +80,8 @@ def complete(policy, requests: Sequence[CompletionRequest], sampling: SamplingCo
         output = policy.engine.generate_output(policy.tokenizer, contexts, sampling,
                                                eos_token_ids=policy.eos_token_ids or None)
     else:
-        output = generate(policy.model, policy.tokenizer, contexts, sampling, eos_token_ids=policy.eos_token_ids or None,
+        output = generate(policy.model, policy.tokenizer, contexts, sampling,
+                          eos_token_ids=policy.eos_token_ids or None,
                           on_step=announce if on_token is not None else None)
     completions = []
     for row, request in enumerate(requests):
