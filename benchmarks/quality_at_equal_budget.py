@@ -14,7 +14,8 @@ training (``eval.after``); the starting model is scored once, by the first run o
 (``eval.before``), and every run is paired against that (greedy answers of one starting model are the same
 in every run; where several runs did score it, the script checks they agree). Printed per algorithm: the
 mean score before and after, the mean per-prompt change with its 95% interval, prompts better / worse and
-the sign test. ``--algorithms`` picks and orders the runs; a finished run is reused unless ``--rerun``.
+the sign test. ``--algorithms`` picks and orders the runs; a finished run is reused and an interrupted one
+continues from its latest checkpoint, unless ``--rerun``.
 Runs may be started by separate invocations (e.g. two at a time on two cores): the budget and evaluation
 settings are recorded in ``<run-dir>/settings.json`` by the first and must be the same in every later one.
 
@@ -142,7 +143,9 @@ def main() -> None:
         run_dir = root / algorithm
         if args.rerun or not (run_dir / "summary.json").exists():
             score_start = start_evaluation(root) is None
-            run_entry_point(ENTRY_POINTS[algorithm], [f"run_dir={run_dir}", "overwrite=true",
+            # An interrupted run continues from its latest checkpoint; --rerun starts it over.
+            start_over = "overwrite=true" if args.rerun else "resume=true"
+            run_entry_point(ENTRY_POINTS[algorithm], [f"run_dir={run_dir}", start_over,
                                                       *budget_overrides(algorithm, args, score_start),
                                                       *args.overrides])
         summaries[algorithm] = json.loads((run_dir / "summary.json").read_text())
