@@ -12,28 +12,27 @@ from __future__ import annotations
 
 import hydra
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from nemo_dvpo.data.prompts import read_prompts
 from nemo_dvpo.inference.chat import apply_chat_template, encode_prompt
+from nemo_dvpo.inference.completion import GenerateConfig
 from nemo_dvpo.inference.generation import SamplingConfig, generate
 from nemo_dvpo.inference.policy import load_policy
-from nemo_dvpo.models.config import load_model_config
-from nemo_dvpo.utils.config import from_dict
-from nemo_dvpo.utils.distributed import ParallelConfig, destroy_distributed, is_rank_zero, print_rank_zero
-from nemo_dvpo.utils.errors import ConfigError, exit_on_user_error
+from nemo_dvpo.recipes.config import parse_recipe_config
+from nemo_dvpo.utils.config import register_defaults
+from nemo_dvpo.utils.distributed import destroy_distributed, is_rank_zero, print_rank_zero
+from nemo_dvpo.utils.errors import exit_on_user_error
 from nemo_dvpo.utils.paths import CONF_DIR
 
+# nemo_dvpo/conf/generate.yaml composes these defaults (one source: the dataclass) with the preset.
+register_defaults("generate_defaults", GenerateConfig)
 
-def load_prompts(cfg: DictConfig) -> list:
-    if (cfg.prompts is None) == (cfg.prompts_file is None):
-        raise ConfigError("give exactly one of prompts='[\"...\", ...]' or prompts_file=path.jsonl")
-    if cfg.prompts_file is not None:
-        return read_prompts(cfg.prompts_file)
-    prompts = OmegaConf.to_container(cfg.prompts) if OmegaConf.is_config(cfg.prompts) else [cfg.prompts]
-    if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
-        raise ConfigError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    return prompts
+
+def load_prompts(config: GenerateConfig) -> list:
+    if config.prompts_file is not None:
+        return read_prompts(config.prompts_file)
+    return config.prompts if isinstance(config.prompts, list) else [config.prompts]
 
 
 def read_user_turn() -> str | None:
@@ -72,19 +71,18 @@ def chat(model, tokenizer, sampling: SamplingConfig, eos_token_ids) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="generate", version_base=None)
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    prompts = None if cfg.interactive else load_prompts(cfg)
-    sampling = from_dict(SamplingConfig, cfg.sampling, "sampling")
-    parallel = from_dict(ParallelConfig, cfg.parallel, "parallel")
+    config = parse_recipe_config(cfg, GenerateConfig, "generate")
+    prompts = None if config.interactive else load_prompts(config)
+    sampling = config.sampling
     # The one policy loader: a checkpoint if given, else the (command-line composed) preset.
-    policy = load_policy(cfg.checkpoint or load_model_config(cfg.model),
-                         parallel)
+    policy = load_policy(config.checkpoint or config.model, config.parallel)
     model, tokenizer = policy.model, policy.tokenizer
     eos_token_ids = sampling.eos_token_ids or policy.eos_token_ids
-    if cfg.interactive:
+    if config.interactive:
         chat(model, tokenizer, sampling, eos_token_ids or None)
         destroy_distributed()
         return
-    prompt_token_ids = [encode_prompt(tokenizer, prompt, cfg.chat_template) for prompt in prompts]
+    prompt_token_ids = [encode_prompt(tokenizer, prompt, config.chat_template) for prompt in prompts]
     output = generate(model, tokenizer, prompt_token_ids, sampling, eos_token_ids=eos_token_ids or None)
 
     for index, (prompt, response) in enumerate(zip(prompts, output.response_texts)):

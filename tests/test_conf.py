@@ -16,7 +16,9 @@ PRESETS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
 
 
 def _entry_points():
+    from nemo_dvpo.inference.completion import GenerateConfig
     from nemo_dvpo.recipes import dpo, dvpo, grpo, gvm, ppo
+    from nemo_dvpo.recipes.config import parse_recipe_config
     from nemo_dvpo.serving.gvm_server import ServeGVMConfig
     from nemo_dvpo.serving.openai_server import ServePolicyConfig
     from nemo_dvpo.utils.config import from_dict
@@ -38,6 +40,10 @@ def _entry_points():
         "dpo": ("dpo_defaults", dpo.DPORecipeConfig, dpo.parse_config),
         "serve_gvm": ("serve_gvm_defaults", ServeGVMConfig, served(ServeGVMConfig, {"gvm": "runs/gvm/final"})),
         "serve_policy": ("serve_policy_defaults", ServePolicyConfig, served(ServePolicyConfig, {"policy": "tiny"})),
+        # As examples/generate.py parses it, given the prompts its command line must add.
+        "generate": ("generate_defaults", GenerateConfig,
+                     lambda cfg: parse_recipe_config(OmegaConf.merge(cfg, {"prompts": ["Hi"]}), GenerateConfig,
+                                                     "generate")),
     }
 
 
@@ -51,11 +57,12 @@ def _compose(name: str, overrides: list[str]):
 
 
 def test_every_conf_file_is_an_entry_point_here():
-    tested = set(_entry_points()) | {"generate"}  # generate.yaml: below
+    tested = set(_entry_points())
     assert sorted(path.stem for path in CONF_DIR.glob("*.yaml")) == sorted(tested)
 
 
-@pytest.mark.parametrize("name", ["dvpo", "gvm", "reward_model", "ppo", "grpo", "dpo", "serve_gvm", "serve_policy"])
+@pytest.mark.parametrize("name", ["dvpo", "gvm", "reward_model", "ppo", "grpo", "dpo", "serve_gvm", "serve_policy",
+                                  "generate"])
 def test_each_conf_composes_and_validates(name):
     config = _entry_points()[name][2](_compose(name, []))
     assert config is not None
@@ -78,12 +85,12 @@ def test_a_wrong_key_or_type_in_a_conf_file_is_named():
         _entry_points()["dvpo"][2](_compose("dvpo", ["train.steps=many"]))
 
 
-def test_generate_conf_composes_into_its_sampling_and_parallel_settings():
-    from nemo_dvpo.inference.generation import SamplingConfig
-    from nemo_dvpo.utils.config import from_dict
-    from nemo_dvpo.utils.distributed import ParallelConfig
+def test_generate_defaults_to_greedy_answers_and_refuses_missing_prompts():
+    from nemo_dvpo.inference.completion import GenerateConfig
+    from nemo_dvpo.recipes.config import parse_recipe_config
+    from nemo_dvpo.utils.errors import ConfigError
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="generate")
-    assert isinstance(from_dict(SamplingConfig, cfg.sampling, "sampling"), SamplingConfig)
-    assert isinstance(from_dict(ParallelConfig, cfg.parallel, "parallel"), ParallelConfig)
+    config = _entry_points()["generate"][2](_compose("generate", []))
+    assert config.sampling.greedy and config.model.name == "smollm2_135m" and config.prompts == ["Hi"]
+    with pytest.raises(ConfigError, match="give exactly one of prompts"):
+        parse_recipe_config(_compose("generate", []), GenerateConfig, "generate")

@@ -92,6 +92,8 @@ class PreferenceDataConfig:
     split, or a hub id) is passed to the load functions beside this config.
     """
 
+    # How the data is stored: "auto" (from the path: .jsonl, .json, .parquet, a save_to_disk or data-file
+    # folder, else a hub id), or "jsonl", "json", "parquet", "disk", "hub".
     format: DataFormat = "auto"
     # The split of a DatasetDict, hub dataset or folder of split files; null when there is only one.
     # The load functions take a split argument that overrides it (train and eval from one source).
@@ -105,6 +107,7 @@ class PreferenceDataConfig:
     # Over-long sequences: "drop" them, or "truncate_prompt" - cut the prompt from the left (never the
     # response), keeping at least min_prompt_tokens, and drop the record if even that does not fit.
     overlong: OverlongPolicy = "drop"
+    # The fewest prompt tokens "truncate_prompt" keeps.
     min_prompt_tokens: int = 8
     # Skip malformed records (counted per reason and reported) instead of stopping at the first one.
     skip_invalid: bool = False

@@ -17,9 +17,40 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from nemo_dvpo.inference.generation import SamplingConfig, generate
+from nemo_dvpo.models.config import ModelConfig
+from nemo_dvpo.utils.distributed import ParallelConfig
+from nemo_dvpo.utils.errors import ConfigError
+
+
+@dataclass
+class GenerateConfig:
+    """``examples/generate.py``: a model's completions of prompts, or a chat on the terminal."""
+
+    # The model preset (model=<name>), used when no checkpoint is given.
+    model: ModelConfig
+    # A nemo_dvpo model checkpoint folder; when set it replaces the ``model`` preset.
+    checkpoint: Optional[str] = None
+    # Prompts: one string or a list of strings on the command line (prompts='["What is 2+2?"]'), or a JSONL
+    # file of {"prompt": str} / {"messages": [...]} records (prompts_file); exactly one unless interactive.
+    prompts: Optional[Union[str, list[str]]] = None
+    prompts_file: Optional[str] = None  # the JSONL file of prompts
+    # Chat on the terminal instead of answering prompts (rank 0 reads stdin; /reset, /exit).
+    interactive: bool = False
+    # Format plain-text prompts with the tokenizer's chat template (messages always use it).
+    chat_template: bool = True
+    # How answers are drawn: greedy by default; sampling.greedy=false sampling.temperature=0.7 samples.
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(greedy=True))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if not self.interactive and (self.prompts is None) == (self.prompts_file is None):
+            raise ConfigError("give exactly one of prompts='[\"...\", ...]' or prompts_file=path.jsonl "
+                              "(or interactive=true)")
+        if isinstance(self.prompts, list) and not self.prompts:
+            raise ConfigError("prompts must be a non-empty list of strings")
 
 
 @dataclass

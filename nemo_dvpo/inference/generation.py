@@ -52,12 +52,19 @@ class SamplingConfig:
     rank) to draw different responses, keep it to reproduce them.
     """
 
+    # The longest response in tokens.
     max_new_tokens: int = 64
+    # Softmax temperature (0: greedy).
     temperature: float = 1.0
+    # Sample among the k likeliest tokens only (0: no top-k filter).
     top_k: int = 0
+    # Sample among the smallest set of tokens whose probability reaches p (1: no top-p filter).
     top_p: float = 1.0
+    # Take the arg-max token instead of sampling.
     greedy: bool = False
+    # Seeds the sampling generator of each call (the recipes vary it per step and data-parallel rank).
     seed: int = 0
+    # End a response at an end-of-sequence token (false: always max_new_tokens).
     stop_on_eos: bool = True
     # Token ids that end a response; null means the tokenizer's eos_token_id.
     eos_token_ids: Optional[list[int]] = None

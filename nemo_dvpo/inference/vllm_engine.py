@@ -85,24 +85,37 @@ class VllmEngineConfig:
     ``rollout.vllm`` it stays null: the run fills in its policy's folder.
     """
 
+    # The Hugging Face folder giving the engine its architecture (null in a recipe: the run's policy's).
     model: Optional[str] = None
-    python: Optional[str] = None  # default: default_vllm_python()
+    python: Optional[str] = None  # the vLLM environment's python (null: .venv-vllm/bin/python)
     address: Optional[str] = None  # "host:port" of an engine launched separately (vllm_worker.py --listen)
+    # The engine's dtype: "float32", "bfloat16" or "float16".
     dtype: str = "float32"
+    # "dummy": random weights until the first refit (a run refits before its first rollout); "auto" reads model's.
     load_format: str = "dummy"
+    # The longest prompt plus response the engine holds, in tokens.
     max_model_len: int = 2048
+    # The engine's sampling seed (each request also carries the run's own per-step seed).
     seed: int = 0
+    # GPUs the engine spreads over (vLLM's tensor parallelism).
     tensor_parallel_size: int = 1
+    # GPU: the fraction of the GPU's memory vLLM may take (weights and KV cache).
     gpu_memory_utilization: float = 0.5
+    # Reuse the KV cache of shared prompt prefixes (a prompt's samples share their prompt).
     enable_prefix_caching: bool = True
     enable_sleep_mode: bool = False  # GPU only: sleep() frees the KV cache while the policy trains
+    # How refitted weights travel: "shared_memory" (CPU), "cuda_ipc" (a GPU shared with the trainer), "nccl"
+    # (an engine on its own GPUs).
     refit_transport: RefitTransport = "shared_memory"
+    # Weights are sent in buckets of at most this many MiB.
     refit_bucket_mib: int = 256
-    # CPU only: the KV cache's size and the threads vLLM's kernels use (None: vLLM's default binding).
+    # CPU only: the KV cache's size in GiB.
     cpu_kv_cache_gib: int = 2
     cpu_threads_bind: Optional[str] = None  # VLLM_CPU_OMP_THREADS_BIND: "auto", "nobind", or "0-3"
     cpu_threads: Optional[int] = None  # OMP_NUM_THREADS of the worker (with "nobind"; vLLM otherwise uses 1)
+    # How long the engine may take to start before the run fails.
     start_timeout_s: float = 900.0
+    # How long one generation or refit call may take.
     request_timeout_s: float = 3600.0
     log_file: Optional[str] = None  # the worker's stdout/stderr (default: inherited)
     engine_kwargs: dict = field(default_factory=dict)  # more vllm.LLM keyword arguments

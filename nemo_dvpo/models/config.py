@@ -24,19 +24,33 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 @dataclass
 class ModelConfig:
+    # The preset's (or Hugging Face folder's) name, recorded in checkpoints.
     name: str
+    # The Hugging Face model family the weights load from and export to (LlamaForCausalLM, MistralForCausalLM).
     architecture: Architecture
+    # Transformer layers.
     num_layers: int
+    # Width of the residual stream.
     hidden_size: int
+    # Width of the SwiGLU MLP's hidden layer.
     ffn_hidden_size: int
+    # Query heads per layer.
     num_attention_heads: int
+    # Key/value heads (grouped-query attention; num_attention_heads for plain multi-head attention).
     num_query_groups: int
+    # Rows of the embedding and the output layer.
     vocab_size: int
+    # The context length in tokens.
     max_position_embeddings: int
+    # RoPE's base (theta).
     rotary_base: float = 10000.0
+    # RMSNorm's epsilon.
     norm_epsilon: float = 1e-5
+    # Share the input embedding's weights with the output layer.
     tie_word_embeddings: bool = False
+    # Llama 3.1-style RoPE scaling (the Hugging Face config's rope_scaling; null: none).
     rope_scaling: Optional[dict] = None
+    # Mistral's sliding-window attention width in tokens (null: full causal attention).
     sliding_window: Optional[int] = None
     # Where the weights come from; null means random initialisation.
     source: Optional[str] = None
@@ -51,9 +65,11 @@ class ModelConfig:
     # checkpoint) - activation memory of one layer instead of all of them, for about one more forward pass.
     # Frozen models (reference, GVM, reward model) and generation run without gradients and are unaffected.
     activation_recompute: Literal["none", "full"] = "none"
-    # Special tokens; null takes them from the tokenizer.
+    # The beginning-of-sequence token; null takes it from the tokenizer.
     bos_token_id: Optional[int] = None
+    # The end-of-sequence token; null takes it from the tokenizer.
     eos_token_id: Optional[int] = None
+    # More entries for the Hugging Face config written on export (they override the derived ones).
     extra_hf_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -47,29 +47,39 @@ from nemo_dvpo.utils.errors import ConfigError
 
 @dataclass
 class DPOData:
-    # Pairwise preference data (prompt / chosen / rejected); eval: held-out pairs (null: none).
+    # Pairwise preference data (prompt / chosen / rejected).
     train: str = "data/smollm2_ifeval/pairs_train.jsonl"
+    # Held-out pairs: DPO's pairwise accuracy and loss during training (null: none).
     eval: Optional[str] = "data/smollm2_ifeval/pairs_heldout.jsonl"
+    # How records become sequences (up to 512 tokens, prompts cut from the left when longer).
     processing: PreferenceDataConfig = field(
         default_factory=lambda: PreferenceDataConfig(max_length=512, overlong="truncate_prompt"))
     # Held-out verifiable prompts whose greedy answers are scored before and after (null: none), as in the
     # RL recipes; prompts longer than max_prompt_tokens are skipped.
     eval_prompts: Optional[str] = "data/smollm2_ifeval/prompts_heldout.jsonl"
+    # The longest held-out prompt scored, in tokens after the chat template.
     max_prompt_tokens: int = 192
 
 
 @dataclass
 class DPOTrainConfig:
+    # Optimizer steps of the run.
     steps: int = 100
-    # Sequences per step over all data-parallel ranks (a pair is two) and per forward/backward on a rank.
+    # Sequences per step over all data-parallel ranks (a pair is two).
     global_batch_size: int = 16
+    # Sequences per forward/backward pass on a rank (even: a pair's two responses share a micro-batch).
     micro_batch_size: int = 8
     # The implicit reward's scale (the KL-regularisation strength).
     beta: float = 0.1
+    # Seeds the data order.
     seed: int = 1234
+    # Measure the held-out pairs every N steps (and at the end).
     eval_every: int = 25
+    # Checkpoint every N steps (and at the end).
     save_every: int = 50
+    # Checkpoints kept: the newest N.
     keep_last: int = 2
+    # Held-out pairs evaluated (the first N of data.eval).
     eval_max_pairs: int = 1000
 
     def __post_init__(self) -> None:
@@ -84,13 +94,19 @@ class DPOTrainConfig:
 
 @dataclass
 class DPORecipeConfig:
+    # The model: a preset (model=<name>, nemo_dvpo/conf/model/) whose fields model.<field>=... override.
     model: ModelConfig
+    # Checkpoints, final/ (policy), hf/ (export), summary.json, metrics.jsonl, tensorboard/ go here.
     run_dir: str = "runs/dpo"
+    # Continue from run_dir/checkpoints/latest (same data order, optimizer and schedule state).
     resume: bool = False
+    # Continue from this checkpoint instead (e.g. when the latest is damaged).
     resume_from: Optional[str] = None
+    # Start over in a run_dir that already holds a run, removing only that run's own files.
     overwrite: bool = False
     # A nemo_dvpo checkpoint to start the policy (and reference) from; null takes model.source.
     init_from: Optional[str] = None
+    # Export the final policy as a Hugging Face folder (run_dir/hf).
     export_hf: bool = True
     data: DPOData = field(default_factory=DPOData)
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)

@@ -37,8 +37,9 @@ from nemo_dvpo.utils.paths import CONF_DIR
 class DVPOUpdateConfig(PolicyUpdateConfig):
     # "value": the paper's batch-normalised GVM value; "gae": the authors' code (KL rewards + GAE).
     advantage_mode: Literal["value", "gae"] = "value"
-    # GAE's discount and lambda (mode "gae").
+    # GAE's discount (mode "gae").
     gamma: float = 1.0
+    # GAE's lambda (mode "gae").
     lam: float = 0.95
     # Normalise GVM values by the batch ("batch") or by the statistics stored with the GVM ("gvm").
     value_normalization: Literal["batch", "gvm"] = "batch"

@@ -59,20 +59,30 @@ class GVMTrainConfig:
     # "bradley_terry": a reward model, -log sigmoid(r_chosen - r_rejected) on the value at each response's last
     # token (pairwise data; a pair's two sequences always share a micro-batch).
     objective: Literal["td_lambda", "bradley_terry"] = "td_lambda"
+    # Optimizer steps of the run (the learning-rate schedule spans them).
     steps: int = 200
     # Sequences per step over all data-parallel ranks; a pair contributes two sequences.
     global_batch_size: int = 32
+    # Sequences per forward/backward pass on a rank (gradients accumulate over the step's micro-batches).
     micro_batch_size: int = 8
     # Optimizer steps per batch against fixed targets (the authors' code uses 2); 1 computes the
     # targets in the same forward pass, saving a forward.
     passes_per_batch: int = 1
+    # TD(lambda)'s discount of the final label over the response's tokens (1: none, as the paper).
     gamma: float = 1.0
+    # TD(lambda)'s lambda: how far each token's target looks ahead towards the final label.
     lam: float = 0.95
+    # Seeds the data order and the value head's initialisation.
     seed: int = 1234
+    # Measure held-out pairwise accuracy every N steps (and at the end).
     eval_every: int = 50
+    # Checkpoint every N steps (and at the end).
     save_every: int = 50
+    # Checkpoints kept: the newest N.
     keep_last: int = 2
+    # Held-out pairs evaluated (the first N of data.eval).
     eval_max_pairs: int = 1000
+    # Sequences per forward pass when evaluating.
     eval_micro_batch_size: int = 16
     # Training sequences whose value statistics are stored with the final GVM.
     value_stats_samples: int = 512
@@ -88,8 +98,9 @@ class GVMTrainConfig:
 
 @dataclass
 class DataSplits:
-    # Pairwise or scored preference data (nemo_dvpo.data.preference); eval: held-out pairs (null: none).
+    # Pairwise or scored preference data (nemo_dvpo.data.preference: a file, a folder or a hub id).
     train: str = "data/smollm2_ifeval/pairs_train.jsonl"
+    # Held-out pairs whose pairwise accuracy is measured during training (null: none).
     eval: Optional[str] = "data/smollm2_ifeval/pairs_heldout.jsonl"
     # How records become sequences; a GVM trains on prompt + response of up to 512 tokens, prompts cut
     # from the left when longer (the response, which carries the label, is never cut).
@@ -99,7 +110,9 @@ class DataSplits:
 
 @dataclass
 class GVMRecipeConfig:
+    # The model: a preset (model=<name>, nemo_dvpo/conf/model/) whose fields model.<field>=... override.
     model: ModelConfig
+    # Checkpoints, final/ (the model), metrics.jsonl, tensorboard/ and the summary go here.
     run_dir: str = "runs/gvm"
     # Continue from run_dir/checkpoints/latest (same data order, optimizer and schedule state).
     resume: bool = False

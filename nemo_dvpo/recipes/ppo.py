@@ -43,8 +43,9 @@ from nemo_dvpo.utils.errors import ConfigError
 
 @dataclass
 class PPOUpdateConfig(PolicyUpdateConfig):
-    # GAE's discount and lambda.
+    # GAE's discount.
     gamma: float = 1.0
+    # GAE's lambda.
     lam: float = 0.95
     # The reward model's scores enter the rewards whitened over the rollout's sequences ("batch", as OpenRLHF's
     # and NeMo-Aligner's reward normalisation) or raw ("none"). A Bradley-Terry model's scale is arbitrary:

@@ -24,6 +24,7 @@ class PromptDataConfig:
     train_split: Optional[str] = "train"
     # Held-out verifiable prompts whose greedy answers are scored before and after training (null: none).
     eval: Optional[str] = "data/smollm2_ifeval/prompts_heldout.jsonl"
+    # Keep only held-out records whose "split" field is this (null: every record).
     eval_split: Optional[str] = None
     # Longer prompts (after the chat template) are skipped and counted.
     max_prompt_tokens: int = 192
@@ -33,8 +34,9 @@ class PromptDataConfig:
 
 @dataclass
 class RolloutConfig:
-    # Prompts per step over all data-parallel ranks, and responses drawn per prompt.
+    # Prompts per step over all data-parallel ranks.
     prompts_per_step: int = 8
+    # Responses drawn per prompt (GRPO's group size).
     samples_per_prompt: int = 1
     # How responses are drawn (temperature, top-k / top-p, max_new_tokens, EOS).
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0))
@@ -73,8 +75,9 @@ class RolloutConfig:
 class PolicyUpdateConfig:
     # Passes over each step's rollout.
     ppo_epochs: int = 4
-    # Sequences per optimizer step over all data-parallel ranks, and per forward/backward on a rank.
+    # Sequences per optimizer step over all data-parallel ranks.
     mini_batch_size: int = 2
+    # Sequences per forward/backward pass on a rank (gradients accumulate over a mini-batch's micro-batches).
     micro_batch_size: int = 2
     # PPO's ratio clip epsilon.
     clip: float = 0.2
@@ -93,10 +96,12 @@ class PolicyUpdateConfig:
 class KLConfig:
     # "adaptive" (Ziegler et al.) or "fixed" coefficient.
     controller: Literal["adaptive", "fixed"] = "adaptive"
+    # The KL coefficient beta at the start (throughout, with the fixed controller).
     init_coef: float = 0.2
-    # Adaptive: the sequence-level KL (sum over response tokens, mean over sequences) steered to,
-    # and the number of sequences over which the coefficient adapts.
+    # Adaptive: the sequence-level KL (sum over response tokens, mean over sequences) steered to.
     target: float = 6.0
+    # Adaptive: the number of sequences over which the coefficient adapts (a step moves beta by at most
+    # 20% x sequences / horizon).
     horizon: int = 10000
     # "reward": -beta * (logp - ref_logp) per token in the reward stream; "loss": beta * k3 added to the
     # policy loss; "auto": the algorithm's own (DVPO's mode "value" and GRPO: loss; PPO and DVPO "gae": reward).
@@ -109,12 +114,15 @@ class KLConfig:
 
 @dataclass
 class EvalConfig:
-    # Held-out prompts scored (the first N of data.eval), prompts per generation batch, answer length.
+    # Held-out prompts scored (the first N of data.eval).
     num_prompts: int = 64
+    # Prompts per greedy generation batch.
     batch_size: int = 32
+    # The longest greedy answer in tokens.
     max_new_tokens: int = 160
-    # Score the starting policy, and the final one.
+    # Score the starting policy before training.
     before: bool = True
+    # Score the final policy after training.
     after: bool = True
 
 
@@ -122,9 +130,11 @@ class EvalConfig:
 class PolicyTrainConfig:
     # Policy-optimisation steps (one rollout each).
     steps: int = 16
+    # Seeds the prompt order, the sampling and the model's initialisation.
     seed: int = 1234
-    # Checkpoint every N steps, keeping the newest ``keep_last``.
+    # Checkpoint every N steps (and at the end).
     save_every: int = 8
+    # Checkpoints kept: the newest N.
     keep_last: int = 2
     # A KL budget against over-optimising the scorer: when the policy's sequence KL to the reference
     # (rollout/kl: k1 summed over a response, mean over the batch) passes it, the run stops and the final
@@ -141,11 +151,13 @@ class PolicyTrainConfig:
 
 @dataclass
 class PolicyRunConfig:
+    # The model: a preset (model=<name>, nemo_dvpo/conf/model/) whose fields model.<field>=... override.
     model: ModelConfig
     # Checkpoints, final/ (policy), hf/ (export), summary.json, metrics.jsonl, tensorboard/ go here.
     run_dir: str = "runs/policy"
-    # Continue from run_dir/checkpoints/latest; or from the checkpoint ``resume_from``.
+    # Continue from run_dir/checkpoints/latest (same prompts, weights, optimizer and schedule state).
     resume: bool = False
+    # Continue from this checkpoint instead (e.g. when the latest is damaged).
     resume_from: Optional[str] = None
     # Start over in a run_dir that already holds a run, removing only that run's own files.
     overwrite: bool = False

@@ -33,13 +33,14 @@ from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
 class GVMClientConfig:
     # Seconds one request may take (scoring a large rollout on a busy server takes a while).
     timeout_s: float = 300.0
-    # Rounds over all URLs before giving up; the wait between rounds starts at backoff_s and doubles.
+    # Rounds over all URLs before giving up.
     max_retries: int = 5
+    # The wait between rounds: it starts at backoff_s and doubles up to backoff_max_s.
     backoff_s: float = 1.0
-    backoff_max_s: float = 30.0
-    # At start, how long to wait for a server that is still loading its model (an 8B GVM takes minutes),
-    # and how often to say so meanwhile.
+    backoff_max_s: float = 30.0  # the longest wait between rounds
+    # At start, how long to wait for a server that is still loading its model (an 8B GVM takes minutes).
     ready_timeout_s: float = 600.0
+    # How often to say so meanwhile.
     ready_notice_s: float = 30.0
     # Environment variable holding the bearer token, if the server asks for one.
     token_env: str = "NEMO_DVPO_GVM_TOKEN"

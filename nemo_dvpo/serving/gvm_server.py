@@ -58,23 +58,29 @@ MODEL_NAME = "gvm"
 
 @dataclass
 class ServerConfig:
-    # Interface and port to listen on; data-parallel replica r listens on port + r. A host other than
-    # loopback needs a bearer token (the environment variable ``token_env``) or allow_unauthenticated.
+    # Interface to listen on. A host other than loopback needs a bearer token (the environment variable
+    # token_env) or allow_unauthenticated.
     host: str = "127.0.0.1"
+    # Port to listen on; data-parallel replica r listens on port + r.
     port: int = 8000
+    # The environment variable holding the bearer token clients must send (unset: no token asked).
     token_env: str = "NEMO_DVPO_GVM_TOKEN"
+    # Listen on a non-loopback host without a token.
     allow_unauthenticated: bool = False
-    # Dynamic batching: wait up to max_delay_ms after a request for others, merging up to max_batch_tokens.
+    # Dynamic batching: wait up to max_delay_ms after a request for others to score with it.
     max_delay_ms: float = 5.0
+    # Dynamic batching: the most tokens merged into one batch.
     max_batch_tokens: int = 32768
-    # Longest sequence accepted (null: the model's sequence length) and largest request body.
+    # Longest sequence accepted (null: the model's sequence length).
     max_sequence_length: Optional[int] = None
+    # Largest request body in bytes (413 above it).
     max_body_bytes: int = 64 * 2**20
     # How long a request waits for its values before the server answers 503.
     request_timeout_s: float = 600.0
-    # The canonical scoring shape (rows per model micro-batch, length bucket): clients that compare
-    # values with an in-process GVM use the same.
+    # The canonical scoring shape's rows per model micro-batch: clients that compare values with an
+    # in-process GVM use the same.
     rows: int = 8
+    # The canonical scoring shape's length bucket: sequences are padded to a multiple of it.
     bucket: int = 64
 
     def __post_init__(self) -> None:

@@ -71,15 +71,18 @@ from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
 
 @dataclass
 class PolicyServerConfig:
-    # Interface and port; data-parallel replica r listens on port + r. A host other than loopback needs
-    # a bearer token (the environment variable ``token_env``) or allow_unauthenticated.
+    # Interface to listen on. A host other than loopback needs a bearer token (the environment variable
+    # token_env) or allow_unauthenticated.
     host: str = "127.0.0.1"
+    # Port to listen on; data-parallel replica r listens on port + r.
     port: int = 8001
+    # The environment variable holding the bearer token clients must send (unset: no token asked).
     token_env: str = "NEMO_DVPO_POLICY_TOKEN"
+    # Listen on a non-loopback host without a token.
     allow_unauthenticated: bool = False
-    # Batching: wait up to max_delay_ms after a request for others with the same sampling settings,
-    # merging up to max_batch_rows replies into one generation (also the most replies one request may ask).
+    # Batching: wait up to max_delay_ms after a request for others with the same sampling settings.
     max_delay_ms: float = 10.0
+    # Batching: the most replies merged into one generation (also the most replies one request may ask).
     max_batch_rows: int = 32
     # Replies are generated this many tokens at a time, the queue served in between, so that a long reply
     # holds a short request for one slice only (0: each batch runs to its longest reply, as before). A streamed
@@ -87,8 +90,9 @@ class PolicyServerConfig:
     slice_tokens: int = 256
     # Reply length when a request gives no max_tokens (clamped to the room its prompt leaves).
     default_max_tokens: int = 512
-    # Largest request body, and the most samples one request may ask for.
+    # Largest request body in bytes (413 above it).
     max_body_bytes: int = 16 * 2**20
+    # The most samples (n) one request may ask for.
     max_n: int = 16
     # How long a request waits for its reply before the server answers 503.
     request_timeout_s: float = 3600.0

@@ -14,14 +14,23 @@ from nemo_dvpo.utils.errors import ConfigError
 class OptimConfig:
     """Adam(W) with linear warm-up then decay. ``lr`` is the peak learning rate."""
 
+    # Peak learning rate, reached at the end of the warm-up.
     lr: float = 1e-5
+    # Learning rate at the end of a cosine or linear decay.
     min_lr: float = 0.0
+    # AdamW's decoupled weight decay.
     weight_decay: float = 0.0
+    # Adam's decay rate of the gradient's first moment.
     adam_beta1: float = 0.9
+    # Adam's decay rate of the gradient's second moment.
     adam_beta2: float = 0.95
+    # Adam's epsilon, added to the root of the second moment.
     adam_eps: float = 1e-8
+    # Clip the gradients' global norm to this (0: no clipping).
     clip_grad: float = 1.0
+    # Optimizer steps of linear warm-up from 0 to lr.
     warmup_steps: int = 0
+    # After the warm-up: "cosine" or "linear" decay to min_lr over the run's optimizer steps, or "constant" lr.
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     # Shard optimizer state across data-parallel ranks (ZeRO-1).
     use_distributed_optimizer: bool = False

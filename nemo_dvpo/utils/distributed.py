@@ -40,9 +40,13 @@ class LaunchInfo:
 class ParallelConfig:
     """Model-parallel layout. Data parallelism fills the rest of the world."""
 
+    # Ranks each layer's weights are split over (megatron-core tensor parallelism).
     tensor_model_parallel_size: int = 1
+    # Pipeline stages the layers are split into.
     pipeline_model_parallel_size: int = 1
+    # Seeds megatron-core's model-parallel random states (dropout and initialisation on GPUs).
     seed: int = 1234
+    # How long a collective waits for the other ranks before the run fails.
     timeout_minutes: int = 30
 
     def __post_init__(self) -> None:

@@ -1,0 +1,269 @@
+"""The docs say what the code does: the configuration reference is current, and every command in README.md or
+docs/*.md (code blocks and inline code) names a script that exists, flags it accepts and settings its config has."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import shlex
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+SCRIPT = re.compile(r"^(?:\./)?((?:examples|tools|benchmarks|\.ci)/[\w/.-]+|setup\.sh)$")
+OVERRIDE = re.compile(r"^[+~]{0,2}([A-Za-z_][\w.]*)=")
+ASSIGNMENT = re.compile(r"^[A-Za-z_]\w*=")
+SEPARATORS = {"|", "||", "&&", ";", "&", ">", ">>", "2>&1", "<"}
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("config_reference_tool", REPO_ROOT / "tools" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- the configuration reference --------------------------------------------------------------------------------
+
+def test_configuration_reference_is_current():
+    completed = subprocess.run([sys.executable, "tools/config_reference.py", "--check"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+
+
+def test_each_entry_point_is_in_the_reference():
+    documented = {script for script, *_ in _tool().ENTRY_POINTS}
+    hydra_apps = {f"examples/{path.name}" for path in (REPO_ROOT / "examples").glob("*.py")
+                  if "@hydra.main" in path.read_text()}
+    assert hydra_apps == documented
+
+
+def test_field_comments_are_read_as_written(tmp_path, monkeypatch):
+    """The reference's reading of comments: the block above a field, a trailing one, a base class's kept by a
+    subclass that redefines the field without one; a field with none is reported, not given a neighbour's."""
+    from nemo_dvpo.utils.config_reference import field_comments, settings_of, undocumented
+
+    (tmp_path / "example_config.py").write_text(_EXAMPLE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("example_config")
+    base, child = module.Base, module.Child
+    assert field_comments(base) == {"steps": "Optimizer steps of the run, over two lines.",
+                                    "seed": "", "lr": "peak learning rate (not a # comment)"}
+    assert field_comments(child)["steps"] == "Optimizer steps of the run, over two lines."
+    assert field_comments(child)["inner"] == "Nested settings."
+    rows = {setting.name: setting for setting in settings_of(child)}
+    assert rows["inner.size"].default == 7 and rows["inner.size"].meaning == "Its size."
+    assert rows["steps"].default == 5 and rows["lr"].type == "float"
+    assert undocumented(list(settings_of(child))) == ["seed"]
+
+
+_EXAMPLE = '''
+from dataclasses import dataclass, field
+
+@dataclass
+class Inner:
+    # Its size.
+    size: int = 3
+
+@dataclass
+class Base:
+    # Optimizer steps of the run,
+    # over two lines.
+    steps: int = 10
+    seed: int = 0
+    lr: float = 1e-3  # peak learning rate (not a # comment)
+
+@dataclass
+class Child(Base):
+    steps: int = 5
+    # Nested settings.
+    inner: Inner = field(default_factory=lambda: Inner(size=7))
+'''
+
+
+def test_a_wrong_override_in_a_conf_file_is_refused_by_the_reference():
+    from nemo_dvpo.utils.config_reference import Setting, settings_table
+    from nemo_dvpo.utils.errors import ConfigError
+
+    settings = [Setting("train.steps", "int", 16, "Steps."), Setting("gvm_training", "mapping", {}, "Stage 1.")]
+    rows = settings_table(settings, {"train.steps": 6, "gvm_training.train.steps": 8}, {}, "x.yaml")
+    assert rows[2] == "| `train.steps` | int | `16` | `6` | Steps. |"
+    assert rows[3] == "| `gvm_training` | mapping | `{}` | `train.steps=8` | Stage 1. |"
+    with pytest.raises(ConfigError, match="x.yaml: 'train.stepz' is not a setting"):
+        settings_table(settings, {"train.stepz": 6}, {}, "x.yaml")
+
+
+# -- commands in the docs ------------------------------------------------------------------------------------------
+
+def code_block_lines(text: str) -> list[list[str]]:
+    """The lines of each fenced (```) or indented (4 spaces after a blank line) code block."""
+    blocks, current, fenced, previous_blank = [], None, False, True
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            if fenced:
+                blocks.append(current)
+                current, fenced = None, False
+            else:
+                current, fenced = [], True
+            continue
+        if fenced:
+            current.append(line)
+        elif line.startswith("    ") and (current is not None or previous_blank) and line.strip():
+            current = current if current is not None else []
+            current.append(line[4:])
+        elif current is not None and line.strip():
+            blocks.append(current)
+            current = None
+        previous_blank = not line.strip()
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def commands_in(block: list[str]) -> list[str]:
+    """Shell commands of a block: continuation lines joined, comments cut, variables set in the block expanded."""
+    joined, pending = [], ""
+    for line in block:
+        stripped = line.rstrip()
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        joined.append(pending + stripped)
+        pending = ""
+    if pending:
+        joined.append(pending)
+    variables, commands = {}, []
+    for line in joined:
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        for name, value in variables.items():
+            text = text.replace("${" + name + "}", value).replace("$" + name, value)
+        try:
+            tokens = shlex.split(text, comments=True)
+        except ValueError:
+            continue  # not shell (a Python snippet, a table)
+        if len(tokens) == 1 and ASSIGNMENT.match(tokens[0]):
+            name, value = tokens[0].split("=", 1)
+            variables[name] = value
+            continue
+        commands.append(tokens)
+    return commands
+
+
+def script_invocations(tokens: list[str]):
+    """(script, its arguments) for each repository script a command runs."""
+    for index, token in enumerate(tokens):
+        match = SCRIPT.match(token)
+        if match:
+            arguments = []
+            for argument in tokens[index + 1:]:
+                if argument in SEPARATORS or argument.startswith((">", "2>")):
+                    break
+                arguments.append(argument)
+            yield match.group(1), arguments
+
+
+@lru_cache(maxsize=None)
+def hydra_settings(script: str) -> Optional[frozenset]:
+    """Every setting key of a Hydra entry point (None for other scripts)."""
+    from nemo_dvpo.models.config import ModelConfig
+    from nemo_dvpo.utils.config_reference import settings_of
+
+    tool = _tool()
+    for entry, _, class_path, _ in tool.ENTRY_POINTS:
+        if entry == script:
+            settings = list(settings_of(tool.load_class(class_path)))
+            names = {setting.name for setting in settings}
+            names |= {f"model.{field.name}" for field in dataclasses.fields(ModelConfig)}
+            names |= {f"{setting.name}.*" for setting in settings if setting.type == "mapping"}
+            return frozenset(names)
+    return None
+
+
+def unknown_setting(key: str, settings: frozenset) -> bool:
+    if key in settings or key.startswith("hydra."):
+        return False
+    return not any(name.endswith(".*") and key.startswith(name[:-1]) for name in settings)
+
+
+@lru_cache(maxsize=None)
+def script_text(script: str) -> str:
+    """The script and the sibling modules it imports (a benchmark's shared argument helpers)."""
+    path = REPO_ROOT / script
+    text = path.read_text(encoding="utf-8")
+    for module in re.findall(r"^from (\w+) import", text, flags=re.MULTILINE):
+        sibling = path.parent / f"{module}.py"
+        if sibling.is_file():
+            text += sibling.read_text(encoding="utf-8")
+    return text
+
+
+def inline_commands(text: str) -> list[list[str]]:
+    """Commands quoted inline in prose (`python tools/eval_gvm.py --gvm ...`), which may wrap over lines."""
+    commands = []
+    for span in re.findall(r"(?<!`)`([^`]+)`(?!`)", text):
+        try:
+            commands.append(shlex.split(span.replace("\n", " "), comments=True))
+        except ValueError:
+            continue
+    return commands
+
+
+def doc_commands():
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        blocks = [tokens for block in code_block_lines(text) for tokens in commands_in(block)]
+        for tokens in blocks + inline_commands(text):
+            for script, arguments in script_invocations(tokens):
+                yield doc.relative_to(REPO_ROOT), " ".join(tokens), script, arguments
+
+
+def problems_of(script: str, arguments: list[str]) -> list[str]:
+    path = REPO_ROOT / script
+    if path.is_dir():
+        return []  # a folder named in prose
+    if not path.is_file():
+        return [f"{script} does not exist"]
+    problems = []
+    settings = hydra_settings(script)
+    for argument in arguments:
+        if argument.startswith("--") and len(argument) > 2:
+            flag = argument.split("=", 1)[0]
+            if f'"{flag}"' not in script_text(script) and f"'{flag}'" not in script_text(script) and (
+                    path.suffix == ".py" or flag not in script_text(script)):
+                problems.append(f"{script} has no flag {flag}")
+        elif settings is not None and OVERRIDE.match(argument) and "$" not in argument:
+            key = OVERRIDE.match(argument).group(1)
+            if unknown_setting(key, settings):
+                problems.append(f"{script} has no setting {key}")
+    return problems
+
+
+def test_every_command_in_the_docs_names_scripts_flags_and_settings_that_exist():
+    checked, problems = 0, []
+    for doc, command, script, arguments in doc_commands():
+        checked += 1
+        problems += [f"{doc}: {problem}  [{command[:160]}]" for problem in problems_of(script, arguments)]
+    assert checked > 100, f"only {checked} commands found: is the block parser still reading the docs?"
+    assert not problems, "\n".join(problems)
+
+
+def test_the_command_check_can_fail():
+    assert problems_of("examples/train_dvpo.py", ["train.steps=3", "train.stepz=3"]) == [
+        "examples/train_dvpo.py has no setting train.stepz"]
+    assert problems_of("examples/train_dvpo.py", ["gvm_training.train.steps=3", "model.precision=bf16"]) == []
+    assert problems_of("tools/eval_gvm.py", ["--gvm", "x", "--no-such-flag"]) == ["tools/eval_gvm.py has no flag "
+                                                                                  "--no-such-flag"]
+    assert problems_of("tools/no_such_tool.py", []) == ["tools/no_such_tool.py does not exist"]
+    block = ["common=\"train.steps=2 kl.target=3\"", "python examples/train_dvpo.py $common \\", "  run_dir=x  # a"]
+    (tokens,) = commands_in(block)
+    assert list(script_invocations(tokens)) == [("examples/train_dvpo.py", ["train.steps=2", "kl.target=3",
+                                                                            "run_dir=x"])]
