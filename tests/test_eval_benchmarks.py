@@ -316,6 +316,71 @@ def test_the_report_pairs_ifeval_answers_and_its_changes_equal_the_difference_of
         ifeval_paired_lines([tmp_path / "base", tmp_path / "capped"], ["base", "capped"])
 
 
+# --- shipped evaluations ------------------------------------------------------------------------------------
+
+SHIPPED = sorted(path.parent for path in (REPO_ROOT / "docs" / "evals").glob("**/provenance.json"))
+COMPARED = ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict", "instruction_level_loose",
+            "n", "n_instructions", "ci95")
+
+
+def test_shipped_answers_are_the_same_bytes_everywhere_and_rescore_to_their_scores(tmp_path):
+    from nemo_dvpo.evaluation.benchmarks.assets import ifeval_prompts
+    from nemo_dvpo.evaluation.benchmarks.ifeval import ifeval_scores
+    from nemo_dvpo.evaluation.benchmarks.shipped import read_gzip_jsonl, rescore, ship
+
+    docs = ifeval_prompts(len(IFEVAL_RESPONSES))
+    evaluation = tmp_path / "evaluation"
+    _write_ifeval_answers(evaluation, docs[::-1], IFEVAL_RESPONSES[::-1])  # written in another order
+    scores = ifeval_scores(docs, IFEVAL_RESPONSES)
+    (evaluation / "scores.json").write_text(json.dumps({"model": "m", "answers_from": "megatron:m",
+                                                        "ifeval": {**scores, "questions": len(docs)}}))
+    repository = {"commit": "0" * 40, "tracked_changes": False}
+    first = ship(evaluation, tmp_path / "one", ["ifeval"], ["python", "tools/eval_benchmarks.py"], {"model": "m"},
+                 repository)
+    second = ship(evaluation, tmp_path / "two", ["ifeval"], ["python", "tools/eval_benchmarks.py"], {"model": "m"},
+                  repository)
+    assert (first / "ifeval.answers.jsonl.gz").read_bytes() == (second / "ifeval.answers.jsonl.gz").read_bytes()
+    assert [record["id"] for record in read_gzip_jsonl(first / "ifeval.answers.jsonl.gz")] == sorted(
+        (doc["key"] for doc in docs), key=str)  # by id as text, whatever order they were answered in
+    provenance = json.loads((first / "provenance.json").read_text())
+    assert provenance["commit"] == "0" * 40 and provenance["model"] == {"model": "m"}
+    assert {key: provenance["scores"]["ifeval"][key] for key in COMPARED} == {key: scores[key] for key in COMPARED}
+    assert rescore(first)["ifeval"] == scores
+
+    # The check can fail: an answer changed after shipping scores differently.
+    records = read_gzip_jsonl(first / "ifeval.answers.jsonl.gz")
+    records[0]["answer"] = ""
+    import gzip
+
+    with gzip.open(first / "ifeval.answers.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(record) + "\n" for record in records))
+    assert rescore(first)["ifeval"] != scores
+
+
+def test_the_model_identity_is_a_hash_of_the_weights_it_names(tmp_path):
+    from nemo_dvpo.evaluation.benchmarks.shipped import model_identity
+
+    checkpoint = tmp_path / "checkpoint"
+    (checkpoint / "weights").mkdir(parents=True)
+    (checkpoint / "nemo_dvpo_checkpoint.json").write_text(json.dumps({"kind": "policy"}))
+    (checkpoint / "weights" / "shard.distcp").write_bytes(b"weights")
+    identity = model_identity(str(checkpoint))
+    assert identity["kind"] == "policy" and len(identity["weights_sha256"]) == 64
+    (checkpoint / "weights" / "shard.distcp").write_bytes(b"other weights")
+    assert model_identity(str(checkpoint))["weights_sha256"] != identity["weights_sha256"]
+
+
+@pytest.mark.parametrize("shipped", SHIPPED, ids=[str(path.relative_to(REPO_ROOT)) for path in SHIPPED])
+def test_every_shipped_evaluation_rescores_to_the_numbers_it_reports(shipped):
+    """docs/evals/*/: the answers behind the docs' IFEval figures, scored again with lm-eval's checkers."""
+    from nemo_dvpo.evaluation.benchmarks.shipped import rescore
+
+    reported = json.loads((shipped / "provenance.json").read_text())["scores"]["ifeval"]
+    rescored = rescore(shipped)["ifeval"]
+    assert {key: rescored[key] for key in COMPARED} == {key: reported[key] for key in COMPARED}
+    assert reported["n"] == reported["questions"] == 541
+
+
 # --- AlpacaEval ---------------------------------------------------------------------------------------------
 
 

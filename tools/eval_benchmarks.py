@@ -14,7 +14,7 @@ vLLM engine (its own environment, .venv-vllm from tools/setup_vllm_env.sh) refit
 loaded; or from any OpenAI-compatible server (--answers-from, e.g. examples/serve_policy.py). Judges are any
 OpenAI-compatible endpoint. Everything is cached in the output folder: a rerun or a killed run does no answer or
 judgment twice. The library is nemo_dvpo/evaluation/benchmarks/ (what each score means is in its modules'
-docstrings and the README).
+docstrings and docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-dir", required=True, help="where answers, judgments and scores.json go")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions of each benchmark")
     parser.add_argument("--name", default=None, help="the model's name in the records (default: from --model)")
+    parser.add_argument("--ship-to", metavar="DIR", default=None,
+                        help="also write the answers compressed, with this command, the commit and the model's weights "
+                             "hash, into DIR (e.g. docs/evals/<name>): the files a reported figure is re-scored from")
     judge = parser.add_argument_group("the judge (MT-Bench, Arena-Hard, AlpacaEval)")
     judge.add_argument("--judge-base-url", help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
     judge.add_argument("--judge-model", default="gpt-4.1")
@@ -91,12 +94,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def ship_evaluation(args, argv, names: list[str], output_dir: Path, model: dict) -> None:
+    """--ship-to: the answers, compressed, and what produced them (nemo_dvpo.evaluation.benchmarks.shipped)."""
+    if not args.ship_to:
+        return
+    import sys
+
+    from nemo_dvpo.evaluation.benchmarks.shipped import repository_state, ship
+
+    repo_root = Path(__file__).resolve().parent.parent
+    command = ["python", "tools/eval_benchmarks.py", *(sys.argv[1:] if argv is None else argv)]
+    shipped = ship(output_dir, Path(args.ship_to), names, command, model, repository_state(repo_root))
+    print(f"answers and provenance shipped to {shipped}")
+
+
 @exit_on_user_error
 def main(argv=None) -> None:
     args = parse_args(argv)
     from nemo_dvpo.utils.paths import check_output_dir
 
     output_dir = check_output_dir(args.output_dir, "--output-dir")  # before any work
+    if args.ship_to:
+        check_output_dir(args.ship_to, "--ship-to")
     if args.compare:
         from nemo_dvpo.evaluation.benchmarks.report import write_report
 
@@ -120,6 +139,7 @@ def main(argv=None) -> None:
         judge = JudgeClient(judge_config) if judge_config.base_url else None
         evaluate(names, output_dir, answerer, judge, args.limit, args.max_new_tokens, args.seed,
                  args.name or answerer.model)
+        ship_evaluation(args, argv, names, output_dir, {"answers_from": args.answers_from, "model": answerer.model})
         return
 
     from nemo_dvpo.evaluation.benchmarks.answers import PolicyAnswerer
@@ -143,6 +163,10 @@ def main(argv=None) -> None:
         answerer = PolicyAnswerer(policy, args.batch_size, DataParallel.from_parallel_state(), seed=args.seed)
         evaluate(names, output_dir, answerer, judge, args.limit, args.max_new_tokens, args.seed, policy.name,
                  is_writer=is_rank_zero())
+        if is_rank_zero():
+            from nemo_dvpo.evaluation.benchmarks.shipped import model_identity
+
+            ship_evaluation(args, argv, names, output_dir, model_identity(args.model))
     finally:
         if policy.engine is not None:
             policy.engine.close()
