@@ -1,4 +1,4 @@
-"""Rollout throughput of the two engines on SmolLM2-135M-Instruct: Megatron's static batch vs vLLM (issue 23).
+"""Rollout throughput of the two engines on SmolLM2-135M-Instruct: Megatron's static batch vs vLLM.
 
 The data builder's setting by default: 32 chat prompts of 47 tokens (benchmarks/generation_speed.py's) x 4
 samples x 160 new tokens, top-k 50, no EOS stop, so both engines generate exactly the same number of tokens.

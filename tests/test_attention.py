@@ -104,7 +104,7 @@ def test_sdpa_core_attention_gradients_equal_megatron(core_attention_pair):
     # Terms at s=6 (see _gradient_terms): dQ 42, dK 48, dV 32, i.e. min(n, 6 sqrt(n)) = 38.9, 41.6, 32
     # eps*max|grad| with max|grad| ~ 6.7, 8.8, 16.3: atol ~ 3.1e-5, 4.3e-5, 6.2e-5. Observed: at most 17.7
     # eps*max|grad| (dK) over 200 seeds, AVX-512/AVX2/default kernels; seed 1 here: 2.5 (AVX-512), 4.7
-    # (AVX2). Was atol=1e-6, rtol=1e-5 (issue 27: 1.88e-6 on an element that is ~0 on AVX-512/AMX).
+    # (AVX2). Was atol=1e-6, rtol=1e-5 (1.88e-6 on an element that is ~0 on AVX-512/AMX).
     for name, terms in _gradient_terms(6).items():
         assert_close_to_rounding(actual[name], expected[name], terms)
 

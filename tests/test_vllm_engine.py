@@ -1,4 +1,4 @@
-"""The vLLM rollout engine (issue 23): its own environment and process, refitted from a Megatron policy.
+"""The vLLM rollout engine: its own environment and process, refitted from a Megatron policy.
 
 The engine tests need the vLLM environment (``tools/setup_vllm_env.sh`` builds ``.venv-vllm``) and are skipped
 without it; the packing and error-message tests run everywhere. One engine serves the module: started with

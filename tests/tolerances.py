@@ -3,7 +3,7 @@
 Fused and unfused kernels, TP=2 and TP=1, a row batched and alone, HF and Megatron: each sums the
 same terms in another order (8 AVX2 lanes or 16 AVX-512 lanes, MKL's blocking for the CPU at hand,
 blocked or online softmax, partial sums joined by an all-reduce), so their results differ by rounding,
-by an amount that depends on the CPU. A tolerance fitted on one machine (issue 27: ``atol=1e-6``
+by an amount that depends on the CPU. A tolerance fitted on one machine (``atol=1e-6``
 fitted on AVX2 failed on AVX-512/AMX) says nothing about the next one; one derived from the number of
 terms and their magnitude holds on both, and stays far below the effect of a real error.
 """
@@ -36,7 +36,7 @@ def reduction_atol(magnitude: torch.Tensor | float, terms: int, dtype: torch.dty
 
     ``magnitude`` is the largest absolute value of the *compared reference tensor* (a tensor is reduced
     to its ``abs().max()``), standing for ``sum|x_i|``; not each element's own value: an element whose
-    terms cancel to about zero (issue 27: "relative inf") carries the rounding of terms of the tensor's
+    terms cancel to about zero ("relative inf") carries the rounding of terms of the tensor's
     scale, so a per-element relative tolerance is wrong for it and callers use ``rtol=0``. For the
     normalised, well-scaled computations compared in this suite the terms are of the order of the
     largest result; measured on AVX-512 and AVX2 kernels alike, the suite's comparisons stay 2.4 (the

