@@ -24,7 +24,7 @@ settings are recorded in ``<run-dir>/settings.json`` by the first and must be th
         --eval-prompts 192 --eval-tokens 128 --pairs runs/gvm_pair.train.jsonl --run-dir runs/quality_equal_budget \\
         optim.lr=3e-6
 
-(the measured setting, docs/benchmarks.md "Quality at equal budget"; ``--algorithms dvpo,dpo`` and
+(the measured setting, docs/benchmarks.md "Quality at equal budget: DPO, PPO, GRPO and DVPO"; ``--algorithms dvpo,dpo`` and
 ``--algorithms ppo`` can run side by side on the same ``--run-dir``).
 """
 

@@ -100,6 +100,49 @@ def test_a_wrong_override_in_a_conf_file_is_refused_by_the_reference():
         settings_table(settings, {"train.stepz": 6}, {}, "x.yaml")
 
 
+def test_the_worked_example_of_docs_architecture_computes_what_it_says():
+    """docs/architecture.md's RLOO function, run as written: scores [1, 2, 3, 6] -> [-8/3, -4/3, 0, 4]."""
+    import torch
+
+    text = (REPO_ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    (block,) = [block for block in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+                if "def leave_one_out_advantages" in block]
+    namespace: dict = {}
+    exec(block, namespace)
+    advantages = namespace["leave_one_out_advantages"](torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0]), 2)
+    assert torch.allclose(advantages, torch.tensor([-1.0, 1.0, -3.0, 3.0, 0.0, 0.0]))
+    advantages = namespace["leave_one_out_advantages"](torch.tensor([1.0, 2.0, 3.0, 6.0]), 4)
+    assert torch.allclose(advantages, torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0]))
+
+
+def anchors_of(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (lower case, punctuation dropped, spaces to hyphens)."""
+    anchors, in_code = set(), False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        elif not in_code and re.match(r"^#{1,6} ", line):
+            title = line.lstrip("#").strip().lower()
+            anchors.add("".join(ch for ch in title if ch.isalnum() or ch in " -_").replace(" ", "-"))
+    return anchors
+
+
+def test_every_link_between_the_docs_resolves():
+    """A relative link names a file that exists and, with #anchor, a heading in it (sections get renamed)."""
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text(encoding="utf-8")):
+            if re.match(r"^[a-z]+://", target) or target.startswith("mailto:"):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (doc.parent / path).resolve() if path else doc
+            if not linked.exists():
+                broken.append(f"{doc.relative_to(REPO_ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors_of(linked):
+                broken.append(f"{doc.relative_to(REPO_ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
 # -- commands in the docs ------------------------------------------------------------------------------------------
 
 def code_block_lines(text: str) -> list[list[str]]:
@@ -235,7 +278,7 @@ def problems_of(script: str, arguments: list[str]) -> list[str]:
     problems = []
     settings = hydra_settings(script)
     for argument in arguments:
-        if argument.startswith("--") and len(argument) > 2:
+        if argument.startswith("--") and len(argument) > 2 and argument != "--help":
             flag = argument.split("=", 1)[0]
             if f'"{flag}"' not in script_text(script) and f"'{flag}'" not in script_text(script) and (
                     path.suffix == ".py" or flag not in script_text(script)):
