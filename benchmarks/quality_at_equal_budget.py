@@ -24,8 +24,8 @@ settings are recorded in ``<run-dir>/settings.json`` by the first and must be th
         --eval-prompts 192 --eval-tokens 128 --pairs runs/gvm_pair.train.jsonl --run-dir runs/quality_equal_budget \\
         optim.lr=3e-6
 
-(the measured setting, docs/benchmarks.md "Quality at equal budget: DPO, PPO, GRPO and DVPO"; ``--algorithms dvpo,dpo`` and
-``--algorithms ppo`` can run side by side on the same ``--run-dir``).
+(the measured setting, docs/benchmarks.md "Quality at equal budget: DPO, PPO, GRPO and DVPO"; ``--algorithms
+dvpo,dpo`` and ``--algorithms ppo`` can run side by side on the same ``--run-dir``).
 """
 
 from __future__ import annotations

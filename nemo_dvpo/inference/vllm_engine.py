@@ -87,7 +87,7 @@ class VllmEngineConfig:
 
     # The Hugging Face folder giving the engine its architecture (null in a recipe: the run's policy's).
     model: Optional[str] = None
-    python: Optional[str] = None  # the vLLM environment's python (null: .venv-vllm/bin/python)
+    python: Optional[str] = None  # the vLLM environment's python (null: $NEMO_DVPO_VLLM_PYTHON, else .venv-vllm)
     address: Optional[str] = None  # "host:port" of an engine launched separately (vllm_worker.py --listen)
     # The engine's dtype: "float32", "bfloat16" or "float16".
     dtype: str = "float32"
