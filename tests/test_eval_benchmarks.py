@@ -368,6 +368,7 @@ def test_the_model_identity_is_a_hash_of_the_weights_it_names(tmp_path):
     assert identity["kind"] == "policy" and len(identity["weights_sha256"]) == 64
     (checkpoint / "weights" / "shard.distcp").write_bytes(b"other weights")
     assert model_identity(str(checkpoint))["weights_sha256"] != identity["weights_sha256"]
+    assert model_identity("tiny") == {"model": "tiny", "source": None, "weights_sha256": None}  # random weights
 
 
 @pytest.mark.parametrize("shipped", SHIPPED, ids=[str(path.relative_to(REPO_ROOT)) for path in SHIPPED])
@@ -537,6 +538,20 @@ def test_a_killed_evaluation_resumes_without_redoing_work(tmp_path):
 
     assert sorted(json.loads(line)["id"] for line in lines) == sorted(p["key"] for p in ifeval_prompts(4))
     assert json.loads((out / "scores.json").read_text())["ifeval"]["n"] == 4
+
+    # The same command with --ship-to answers nothing again and ships what it scored, re-scorable.
+    from nemo_dvpo.evaluation.benchmarks.shipped import rescore
+
+    shipped = tmp_path / "shipped"
+    completed = subprocess.run([*command, "--ship-to", str(shipped)], cwd=REPO_ROOT, env=_env(), capture_output=True,
+                               text=True, timeout=600)
+    assert completed.returncode == 0 and "4 of 4 already in" in completed.stdout, completed.stderr[-3000:]
+    provenance = json.loads((shipped / "provenance.json").read_text())
+    assert provenance["command"] == ["python", "tools/eval_benchmarks.py", *command[2:], "--ship-to", str(shipped)]
+    assert len(provenance["commit"]) == 40 and provenance["model"]["model"] == "tiny"
+    assert provenance["scores"]["ifeval"] == json.loads((out / "scores.json").read_text())["ifeval"]
+    assert rescore(shipped)["ifeval"] == {key: value for key, value in provenance["scores"]["ifeval"].items()
+                                          if key != "questions"}
 
 
 def test_judgments_already_written_are_not_asked_again(tmp_path):

@@ -163,7 +163,7 @@ def main(argv=None) -> None:
         answerer = PolicyAnswerer(policy, args.batch_size, DataParallel.from_parallel_state(), seed=args.seed)
         evaluate(names, output_dir, answerer, judge, args.limit, args.max_new_tokens, args.seed, policy.name,
                  is_writer=is_rank_zero())
-        if is_rank_zero():
+        if is_rank_zero() and args.ship_to:
             from nemo_dvpo.evaluation.benchmarks.shipped import model_identity
 
             ship_evaluation(args, argv, names, output_dir, model_identity(args.model))

@@ -71,6 +71,8 @@ def model_identity(model: str) -> dict:
         weights = [file for file in (path / "weights").rglob("*") if file.is_file()]
         return {"model": model, "kind": metadata.get("kind"), "weights_sha256": _hash_files(weights, path)}
     source = load_model_config(model).source if model in available_presets() and not path.exists() else model
+    if source is None:  # a preset with random weights
+        return {"model": model, "source": None, "weights_sha256": None}
     resolved = resolve_source(source)
     if resolved.kind == "hub":
         return {"model": model, "source": source, "weights_sha256": None}
