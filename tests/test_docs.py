@@ -299,6 +299,27 @@ def test_every_command_in_the_docs_names_scripts_flags_and_settings_that_exist()
     assert not problems, "\n".join(problems)
 
 
+def test_every_command_the_ifeval541_driver_runs_exists():
+    """benchmarks/ifeval541_at_equal_budget.py's plan: its steps' commands pass the same checks as the docs'."""
+    driver = REPO_ROOT / "benchmarks" / "ifeval541_at_equal_budget.py"
+    spec = importlib.util.spec_from_file_location("ifeval541", driver)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+        del sys.modules[spec.name]
+    steps = module.plan()
+    assert len({step.name for step in steps}) == len(steps) == 12
+    problems = [problem for step in steps for script, arguments in script_invocations(step.command[1:])
+                for problem in problems_of(script, arguments)]
+    assert not problems, problems
+    made = {step.done for step in steps} | {made for step in steps for made in step.makes}
+    assert all(need in made for step in steps for need in step.needs), "a step waits for a file no step makes"
+
+
 def test_the_command_check_can_fail():
     assert problems_of("examples/train_dvpo.py", ["train.steps=3", "train.stepz=3"]) == [
         "examples/train_dvpo.py has no setting train.stepz"]
