@@ -16,6 +16,9 @@ from _runs import REPO_ROOT, median_of, read_metrics, run_entry_point
 
 PHASES = ("time/step_s", "time/generation_s", "time/policy_forward_s", "time/reference_forward_s",
           "time/gvm_forward_s", "time/update_s")
+# With rollout.engine=vllm: the weight refit before each rollout, and how far the engine's log-probs of its own
+# samples are from the policy's (1.0: equal).
+ENGINE = ("time/refit_s", "rollout/engine_token_mult_prob_error")
 
 
 def peer_setting(gvm: str, run_dir: Path, steps: int) -> list[str]:
@@ -31,7 +34,7 @@ def peer_setting(gvm: str, run_dir: Path, steps: int) -> list[str]:
 def summarize(run_dir: Path) -> dict[str, float]:
     """Medians of steps 2.. of each phase, generated tokens/s and the peak memory of the run."""
     records = [record for record in read_metrics(run_dir) if record["step"] > 1]
-    summary = {key: median_of(records, key) for key in PHASES}
+    summary = {key: median_of(records, key) for key in (*PHASES, *ENGINE)}
     summary["perf/generated_tokens_per_s"] = median_of(records, "perf/generated_tokens_per_s")
     summary["perf/peak_memory_mib"] = max(r["perf/peak_memory_mib"] for r in records)
     summary["steps"] = len(records)
@@ -51,6 +54,9 @@ def main() -> None:
     print(f"\nDVPO step, median of steps 2..{args.steps} ({summary['steps']} steps), total wall {wall:.0f} s:")
     for key in PHASES:
         print(f"  {key:28s} {summary[key]:8.2f}")
+    for key in ENGINE:
+        if summary[key] == summary[key]:  # not NaN: the run had an engine
+            print(f"  {key:28s} {summary[key]:8.3f}")
     print(f"  {'generated tokens/s':28s} {summary['perf/generated_tokens_per_s']:8.1f}")
     print(f"  {'peak memory (MiB)':28s} {summary['perf/peak_memory_mib']:8.0f}")
 
