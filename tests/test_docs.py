@@ -23,6 +23,7 @@ ASSIGNMENT = re.compile(r"^[A-Za-z_]\w*=")
 SEPARATORS = {"|", "||", "&&", ";", "&", ">", ">>", "2>&1", "<"}
 
 
+@lru_cache(maxsize=None)
 def _tool():
     spec = importlib.util.spec_from_file_location("config_reference_tool", REPO_ROOT / "tools" / "config_reference.py")
     module = importlib.util.module_from_spec(spec)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import io
 import json
 import textwrap
+import tokenize
 import typing
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Union
@@ -64,9 +66,6 @@ def _class_field_comments(klass: type) -> dict[str, str]:
 
 def _trailing_comment(line: str) -> str:
     """The ``# ...`` at the end of a source line, outside strings ('' when none)."""
-    import io
-    import tokenize
-
     try:
         for token in tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline):
             if token.type == tokenize.COMMENT:
@@ -111,19 +110,16 @@ def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value if not isinstance(value, tuple) else list(value)) if value else (
-            "{}" if isinstance(value, dict) else "[]")
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
     return str(value)
 
 
-def settings_of(cls: type, instance: Any = None, prefix: str = "",
-                expand: tuple[type, ...] = ()) -> Iterator[Setting]:
+def settings_of(cls: type, instance: Any = None, prefix: str = "") -> Iterator[Setting]:
     """Every leaf setting of dataclass ``cls`` (nested dataclasses expanded into dotted names).
 
     ``instance``: the default object whose values are shown (a nested dataclass's factory may differ from
-    its class defaults). A required field of a dataclass type is expanded from its class defaults only if
-    its type is in ``expand``; otherwise it is one required row (e.g. ``model``, whose shape comes from a
-    preset and is documented on its own).
+    its class defaults). A required field of a dataclass type is one required row (e.g. ``model``, whose shape
+    comes from a preset and is documented on its own).
     """
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
@@ -141,8 +137,8 @@ def settings_of(cls: type, instance: Any = None, prefix: str = "",
         else:
             value, required = None, True
         nested = hint if dataclasses.is_dataclass(hint) else None
-        if nested is not None and (not required or nested in expand):
-            yield from settings_of(nested, None if required else value, f"{name}.", expand)
+        if nested is not None and not required:
+            yield from settings_of(nested, value, f"{name}.")
             continue
         yield Setting(name, describe_type(hint), value, meaning, required)
 
