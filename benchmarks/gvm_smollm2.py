@@ -24,6 +24,7 @@ import sys
 from _runs import REPO_ROOT, median_of, read_metrics, run_entry_point
 
 from nemo_dvpo.data.jsonl import read_jsonl
+from nemo_dvpo.utils.paths import atomic_write_text
 
 DATA = REPO_ROOT / "data" / "smollm2_ifeval"
 LABELS = ("pair", "score", "both")
@@ -72,18 +73,24 @@ def main() -> None:
     parser.add_argument("--eval-pairs", type=int, default=100,
                         help="held-out pairs evaluated during training (the curve); the end uses all of them")
     parser.add_argument("--run-dir", default=None, help="default: runs/gvm_<labels>")
+    parser.add_argument("--data-only", action="store_true",
+                        help="write the training file (<run-dir>.train.jsonl: DPO and the reward model learn from "
+                        "it too) and stop")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for examples/train_gvm.py")
     args = parser.parse_args()
     run_dir = (REPO_ROOT / (args.run_dir or f"runs/gvm_{args.labels}")).resolve()
 
     records = labelled_sequences(read_jsonl(DATA / "pairs_train.jsonl"), read_jsonl(DATA / "scored_train.jsonl"),
                                  args.labels, args.train_prompts)
-    run_dir.mkdir(parents=True, exist_ok=True)
     train_file = run_dir.parent / f"{run_dir.name}.train.jsonl"  # outside run_dir: a fresh run clears that
-    train_file.write_text("".join(json.dumps(record) + "\n" for record in records))
+    atomic_write_text(train_file, "".join(json.dumps(record) + "\n" for record in records))
     prompts = len({record["prompt_id"] for record in records})
     sequences = len(records) * (2 if args.labels == "pair" else 1)
     print(f"{args.labels} labels: {sequences} sequences from {prompts} training prompts -> {train_file}")
+    if args.data_only:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+
 
     wall = run_entry_point("train_gvm.py", [
         f"run_dir={run_dir}", f"data.train={train_file}", f"data.eval={DATA / 'pairs_heldout.jsonl'}",

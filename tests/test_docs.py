@@ -313,12 +313,24 @@ def test_every_command_the_ifeval541_driver_runs_exists():
         sys.path.remove(str(REPO_ROOT / "benchmarks"))
         del sys.modules[spec.name]
     steps = module.plan()
-    assert len({step.name for step in steps}) == len(steps) == 12
+    assert len({step.name for step in steps}) == len(steps) == 15
     problems = [problem for step in steps for script, arguments in script_invocations(step.command[1:])
                 for problem in problems_of(script, arguments)]
     assert not problems, problems
     made = {step.done for step in steps} | {made for step in steps for made in step.makes}
     assert all(need in made for step in steps for need in step.needs), "a step waits for a file no step makes"
+
+    # Only what a target still needs runs: DPO's answers need its training and the pairs, not the stage-1 models;
+    # once a policy's answers are shipped nothing behind them runs again, though its runs/ folder is gone.
+    def to_run(targets, existing=()):
+        return [step.name for step in module.steps_to_run(steps, targets, lambda path: path in existing)]
+    assert to_run(["ifeval_dpo"]) == ["training_pairs", "policy_dpo", "ifeval_dpo"]
+    assert to_run(["ifeval_dvpo"], {"runs/gvm_pair.train.jsonl"}) == ["gvm_801_pairs", "policy_dvpo", "ifeval_dvpo"]
+    shipped = {f"docs/evals/ifeval541/{name}/provenance.json" for name in ("base", "dvpo", "dpo", "ppo", "grpo")}
+    everything = module.final_steps(steps)
+    assert everything == ["report_against_the_start", "report_against_dvpo", "gvm_all_pairs"]
+    assert to_run(everything, shipped) == everything and len(to_run(everything)) == 15
+
 
 
 def test_the_command_check_can_fail():

@@ -357,7 +357,32 @@ def test_shipped_answers_are_the_same_bytes_everywhere_and_rescore_to_their_scor
     assert rescore(first)["ifeval"] != scores
 
 
+def test_compare_reads_shipped_evaluations_as_the_folders_they_came_from(tmp_path):
+    """--compare on shipped folders (all that survives the machine) writes the report the evaluations gave."""
+    from nemo_dvpo.evaluation.benchmarks.assets import ifeval_prompts
+    from nemo_dvpo.evaluation.benchmarks.ifeval import ifeval_scores
+    from nemo_dvpo.evaluation.benchmarks.report import write_report
+    from nemo_dvpo.evaluation.benchmarks.shipped import ship
+
+    docs = ifeval_prompts(len(IFEVAL_RESPONSES))
+    worse = ["", *IFEVAL_RESPONSES[1:-1], IFEVAL_RESPONSES[0]]  # two answers changed
+    evaluations, shipped = [], []
+    for name, responses in (("start", IFEVAL_RESPONSES), ("policy", worse)):
+        evaluation = tmp_path / "runs" / name
+        _write_ifeval_answers(evaluation, docs, responses)
+        (evaluation / "scores.json").write_text(json.dumps({"model": name, "answers_from": f"megatron:{name}",
+                                                            "ifeval": ifeval_scores(docs, responses)}))
+        evaluations.append(evaluation)
+        shipped.append(ship(evaluation, tmp_path / "shipped" / name, ["ifeval"], ["python"], {"model": name},
+                            {"commit": "0" * 40, "tracked_changes": False}))
+    from_runs = write_report(evaluations, tmp_path / "report_runs").read_text()
+    from_shipped = write_report(shipped, tmp_path / "report_shipped").read_text()
+    assert "change against start" in from_runs and f"| policy | {len(docs)} | +16.67 [-16.00, +49.33], 1 / 0" in from_runs
+    assert from_shipped == from_runs.replace(str(tmp_path / "runs"), str(tmp_path / "shipped"))
+
+
 def test_the_model_identity_is_a_hash_of_the_weights_it_names(tmp_path):
+
     from nemo_dvpo.evaluation.benchmarks.shipped import model_identity
 
     checkpoint = tmp_path / "checkpoint"

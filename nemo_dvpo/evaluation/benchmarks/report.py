@@ -1,6 +1,7 @@
 """Several evaluations side by side: ``report.md`` and PNG charts (``tools/eval_benchmarks.py --compare``).
 
-Each evaluation folder's ``scores.json`` gives one column; charts show each score with its 95% interval
+Each evaluation folder's ``scores.json`` (or a shipped evaluation's ``provenance.json``: ``shipped``) gives one
+column; charts show each score with its 95% interval
 (``scores.png``) and MT-Bench's per-category means (``mt_bench_categories.png``). IFEval answers are
 also compared prompt by prompt: each later folder against the first (the starting model, say), with a
 paired 95% interval, which is far tighter than the difference of the two scores' own intervals.
@@ -14,6 +15,7 @@ from typing import Optional
 
 from nemo_dvpo.evaluation.benchmarks import assets
 from nemo_dvpo.evaluation.benchmarks.ifeval import RESULT_KEYS, ifeval_paired_change, ifeval_results
+from nemo_dvpo.evaluation.benchmarks.shipped import is_shipped, shipped_records, shipped_scores
 from nemo_dvpo.evaluation.benchmarks.store import RecordFile, record_key, write_bytes_atomic
 from nemo_dvpo.utils.errors import NemoDvpoError
 from nemo_dvpo.utils.figures import png_bytes, pyplot
@@ -21,8 +23,11 @@ from nemo_dvpo.utils.figures import png_bytes, pyplot
 
 def load_scores(folder: Path) -> dict:
     path = folder / "scores.json"
+    if not path.is_file() and is_shipped(folder):
+        return shipped_scores(folder)
     if not path.is_file():
-        raise NemoDvpoError(f"--compare {folder}: no scores.json (evaluate into that folder first)")
+        raise NemoDvpoError(f"--compare {folder}: no scores.json or provenance.json (evaluate into that folder "
+                            "first, or name a folder --ship-to wrote)")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -136,7 +141,7 @@ def ifeval_paired_lines(folders: list[Path], names: list[str]) -> list[str]:
     (a 1280-token answer against a 128-token one would measure the cap, not the model).
     """
     with_answers = [(folder, name) for folder, name in zip(folders, names)
-                    if (folder / "ifeval" / "answers.jsonl").is_file()]
+                    if (folder / "ifeval" / "answers.jsonl").is_file() or (folder / "ifeval.answers.jsonl.gz").is_file()]
     if len(with_answers) < 2:
         return []
     docs = {record_key(doc["key"]): doc for doc in assets.ifeval_prompts()}
@@ -169,7 +174,10 @@ def ifeval_paired_lines(folders: list[Path], names: list[str]) -> list[str]:
 
 
 def _ifeval_answers(folder: Path) -> dict:
+    if not (folder / "ifeval" / "answers.jsonl").is_file() and is_shipped(folder):
+        return shipped_records(folder, "ifeval")
     return RecordFile(folder / "ifeval" / "answers.jsonl", f"{folder} IFEval answers").load()
+
 
 
 def _check_same_generation(base_folder: Path, base_answers: dict, folder: Path, answers: dict, keys: list) -> None:

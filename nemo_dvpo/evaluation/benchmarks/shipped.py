@@ -10,7 +10,9 @@
   checkpoint's ``weights/`` files, or the file or folder a preset's source names) and the scores reported.
 
 :func:`rescore` scores shipped IFEval answers again with lm-eval's checkers (``ifeval_scores``); the tests
-check that it gives exactly the numbers in ``provenance.json`` for every shipped evaluation.
+check that it gives exactly the numbers in ``provenance.json`` for every shipped evaluation. A shipped folder
+stands in for the evaluation folder it came from wherever only scores and answers are read
+(``tools/eval_benchmarks.py --compare``): :func:`shipped_scores`, :func:`shipped_records`.
 """
 
 from __future__ import annotations
@@ -112,11 +114,36 @@ def ship(evaluation: Path, destination: Path, benchmarks: list[str], command: li
             text = "".join(json.dumps(records[key], ensure_ascii=False, sort_keys=True) + "\n"
                            for key in sorted(records))
             write_bytes_atomic(destination / f"{name}.{kind}.jsonl.gz", _gzip_bytes(text))
-    provenance = {"command": command, **repository, "model": model,
+    provenance = {"name": scores.get("model"), "command": command, **repository, "model": model,
                   "scores": {name: scores[name] for name in benchmarks if name in scores},
                   "answers_from": scores.get("answers_from")}
     write_json_atomic(destination / PROVENANCE, provenance)
     return destination
+
+
+def is_shipped(folder: Path) -> bool:
+    return (folder / PROVENANCE).is_file()
+
+
+def read_provenance(folder: Path) -> dict:
+    path = folder / PROVENANCE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise NemoDvpoError(f"{path}: not a readable provenance file ({error})") from None
+
+
+def shipped_scores(folder: Path) -> dict:
+    """What the evaluation's ``scores.json`` held for the shipped benchmarks (its name, answer source, scores)."""
+    provenance = read_provenance(folder)
+    return {"model": provenance.get("name"), "answers_from": provenance.get("answers_from"),
+            **provenance.get("scores", {})}
+
+
+def shipped_records(folder: Path, benchmark: str, kind: str = "answers") -> dict:
+    """The shipped ``kind`` records of ``benchmark`` by id, as ``RecordFile.load`` gives them ({} if none)."""
+    path = folder / f"{benchmark}.{kind}.jsonl.gz"
+    return {record_key(record["id"]): record for record in read_gzip_jsonl(path)} if path.is_file() else {}
 
 
 def rescore(shipped: Path) -> dict:
@@ -126,12 +153,13 @@ def rescore(shipped: Path) -> dict:
 
     scores = {}
     for name in RESCORABLE:
-        path = shipped / f"{name}.answers.jsonl.gz"
-        if not path.is_file():
+        answers = shipped_records(shipped, name)
+        if not answers:
             continue
-        answers = {record_key(record["id"]): record for record in read_gzip_jsonl(path)}
         docs = [prompt for prompt in assets.ifeval_prompts() if record_key(prompt["key"]) in answers]
         if len(docs) != len(answers):
-            raise NemoDvpoError(f"{path}: {len(answers) - len(docs)} answers to prompts IFEval does not have")
+            raise NemoDvpoError(f"{shipped}/{name}.answers.jsonl.gz: {len(answers) - len(docs)} answers to prompts "
+                                "IFEval does not have")
+
         scores[name] = ifeval_scores(docs, [answers[record_key(doc["key"])]["answer"] for doc in docs])
     return scores
