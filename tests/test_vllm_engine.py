@@ -105,7 +105,8 @@ def test_views_refuse_an_entry_past_the_buffer():
 
 @pytest.mark.parametrize("field, value, message", [
     ("dtype", "int8", "rollout.vllm.dtype"), ("max_model_len", 0, "rollout.vllm.max_model_len"),
-    ("address", "nohost", "rollout.vllm.address"), ("refit_transport", "file", "rollout.vllm.refit_transport"),
+    ("address", "nohost", "rollout.vllm.address"), ("address", "h:1,nohost", "rollout.vllm.address"),
+    ("refit_transport", "file", "rollout.vllm.refit_transport"),
     ("engine_kwargs", {"logprobs_mode": "raw_logprobs"}, "engine_kwargs may not set"),
 ])
 def test_config_errors_name_the_field(field, value, message):
@@ -113,7 +114,20 @@ def test_config_errors_name_the_field(field, value, message):
         VllmEngineConfig(model="m", **{field: value})
 
 
+def test_each_data_parallel_rank_reaches_an_engine_of_its_own():
+    config = VllmEngineConfig(model="m", address="node1:5000, node2:5000")
+    assert [config.for_data_parallel_rank(rank, 2).address for rank in (0, 1)] == ["node1:5000", "node2:5000"]
+    # Ranks never share an engine: as many addresses as ranks, or none (each rank starts its own).
+    with pytest.raises(ConfigError, match="2 engine\\(s\\) for 4 data-parallel rank"):
+        config.for_data_parallel_rank(0, 4)
+    with pytest.raises(ConfigError, match="1 engine\\(s\\) for 2 data-parallel rank"):
+        VllmEngineConfig(model="m", address="node1:5000").for_data_parallel_rank(1, 2)
+    local = VllmEngineConfig(model="m")
+    assert local.for_data_parallel_rank(1, 2) is local
+
+
 def test_a_missing_environment_says_how_to_build_it(tmp_path):
+
     with pytest.raises(NemoDvpoError, match="setup_vllm_env.sh"):
         VllmEngine(VllmEngineConfig(model="m", python=str(tmp_path / "no-venv" / "bin" / "python"))).start()
 
@@ -590,13 +604,44 @@ def test_a_killed_vllm_run_resumes_exactly(dvpo_vllm_run, smollm2_gvm, tmp_path)
 
 def _workers_of(parent_pid: int) -> list[int]:
     """The pids of live vLLM workers started by the process ``parent_pid`` (``--parent-pid`` in their command)."""
-    found = []
+    return [worker for worker, parent in _live_workers().items() if parent == parent_pid]
+
+
+def _live_workers() -> dict[int, int]:
+    """Every live vLLM worker's pid with the pid of the trainer that started it (its ``--parent-pid``)."""
+    found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             arguments = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue  # the process ended while we looked
-        if any(a.endswith(b"vllm_worker.py") for a in arguments) and \
-                b"--parent-pid" in arguments and arguments[arguments.index(b"--parent-pid") + 1] == str(parent_pid).encode():
-            found.append(int(cmdline.parent.name))
+        if any(a.endswith(b"vllm_worker.py") for a in arguments) and b"--parent-pid" in arguments:
+            found[int(cmdline.parent.name)] = int(arguments[arguments.index(b"--parent-pid") + 1])
     return found
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_each_data_parallel_rank_samples_from_an_engine_of_its_own(smollm2_gvm, tmp_path):
+    """Two data-parallel ranks: each starts an engine of its own, refits it and samples its half of the prompts
+    from it; on both, the engine's log-probs equal the policy's, and no engine outlives the run."""
+    run_dir = tmp_path / "dp2"
+    command = [sys.executable, "-m", "nemo_dvpo.launch", "--standalone", "--nproc-per-node=2",
+               *_dvpo_vllm_command(smollm2_gvm, run_dir, tmp_path / "worker.log", "train.steps=1",
+                                   "rollout.vllm.cpu_threads=1")[1:]]
+    launcher = subprocess.Popen(command, cwd=REPO_ROOT, env=entry_point_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    seen: dict[int, int] = {}
+    while launcher.poll() is None:
+        seen.update(_live_workers())
+        time.sleep(0.5)
+    output = launcher.stdout.read()
+    assert launcher.returncode == 0, output[-6000:]
+    ranks = {parent for parent in seen.values()}
+    assert len(seen) == 2 and len(ranks) == 2, f"workers by trainer rank: {seen}"  # one each, two trainers
+    (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert record["time/refit_s"] > 0
+    assert record["rollout/engine_token_mult_prob_error"] - 1 < LOGPROB_TOLERANCE, record
+    assert record["rollout/engine_max_abs_logprob_gap"] < 10 * LOGPROB_TOLERANCE, record
+    assert not any(_workers_of(rank) for rank in ranks)
+

