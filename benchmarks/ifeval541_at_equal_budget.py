@@ -130,7 +130,9 @@ def main() -> None:
                         help=f"the steps to finish, with what they need (default: the reports and the all-pairs "
                              f"GVM, so everything); one of "
                              f"{', '.join(step.name for step in steps)}")
-    parser.add_argument("--jobs", type=int, default=2, help="steps run at the same time (each gets 1 thread)")
+    parser.add_argument("--jobs", type=int, default=2, help="steps run at the same time")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2),
+                        help="OMP threads of each step (default: the cores shared by two jobs)")
     parser.add_argument("--dry-run", action="store_true", help="print what is done, ready and waiting; run nothing")
     args = parser.parse_args()
     unknown = sorted(set(args.targets) - {step.name for step in steps})
@@ -153,7 +155,7 @@ def main() -> None:
                      else "ready" if ready(step) else "waiting")
             print(f"{state:10s} {step.name}: {' '.join(step.command[1:])}")
         return
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     started: dict[str, Step] = {}
     while pending or running:
         for step in [step for step in pending if ready(step)][:max(0, args.jobs - len(running))]:
