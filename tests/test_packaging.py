@@ -29,7 +29,7 @@ def test_the_dockerfile_passes_hadolint():
 
 
 def test_the_shell_scripts_pass_shellcheck():
-    scripts = ["setup.sh", ".ci/run", "examples/slurm/common.sh", *sorted(
+    scripts = ["setup.sh", ".ci/run", "tools/setup_vllm_env.sh", "examples/slurm/common.sh", *sorted(
         str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "examples" / "slurm").glob("*.sbatch"))]
     completed = subprocess.run([_tool("shellcheck"), "-x", *scripts], cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stdout + completed.stderr
