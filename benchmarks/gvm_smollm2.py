@@ -91,7 +91,6 @@ def main() -> None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
 
-
     wall = run_entry_point("train_gvm.py", [
         f"run_dir={run_dir}", f"data.train={train_file}", f"data.eval={DATA / 'pairs_heldout.jsonl'}",
         f"train.steps={args.steps}", f"train.global_batch_size={args.global_batch_size}",

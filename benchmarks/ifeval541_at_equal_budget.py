@@ -123,7 +123,6 @@ def final_steps(steps: list[Step]) -> list[str]:
 
 
 def main() -> None:
-
     steps = plan()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("targets", nargs="*", metavar="STEP",
@@ -159,7 +158,6 @@ def main() -> None:
     started: dict[str, Step] = {}
     while pending or running:
         for step in [step for step in pending if ready(step)][:max(0, args.jobs - len(running))]:
-
             logs.mkdir(parents=True, exist_ok=True)
             print(f"[ifeval541] start {step.name}", flush=True)
             with open(logs / f"{step.name}.log", "a") as log:

@@ -15,7 +15,7 @@ from typing import Optional
 
 from nemo_dvpo.evaluation.benchmarks import assets
 from nemo_dvpo.evaluation.benchmarks.ifeval import RESULT_KEYS, ifeval_paired_change, ifeval_results
-from nemo_dvpo.evaluation.benchmarks.shipped import is_shipped, shipped_records, shipped_scores
+from nemo_dvpo.evaluation.benchmarks.shipped import is_shipped, shipped_file, shipped_records, shipped_scores
 from nemo_dvpo.evaluation.benchmarks.store import RecordFile, record_key, write_bytes_atomic
 from nemo_dvpo.utils.errors import NemoDvpoError
 from nemo_dvpo.utils.figures import png_bytes, pyplot
@@ -141,7 +141,7 @@ def ifeval_paired_lines(folders: list[Path], names: list[str]) -> list[str]:
     (a 1280-token answer against a 128-token one would measure the cap, not the model).
     """
     with_answers = [(folder, name) for folder, name in zip(folders, names)
-                    if (folder / "ifeval" / "answers.jsonl").is_file() or (folder / "ifeval.answers.jsonl.gz").is_file()]
+                    if (folder / "ifeval" / "answers.jsonl").is_file() or shipped_file(folder, "ifeval").is_file()]
     if len(with_answers) < 2:
         return []
     docs = {record_key(doc["key"]): doc for doc in assets.ifeval_prompts()}
@@ -177,7 +177,6 @@ def _ifeval_answers(folder: Path) -> dict:
     if not (folder / "ifeval" / "answers.jsonl").is_file() and is_shipped(folder):
         return shipped_records(folder, "ifeval")
     return RecordFile(folder / "ifeval" / "answers.jsonl", f"{folder} IFEval answers").load()
-
 
 
 def _check_same_generation(base_folder: Path, base_answers: dict, folder: Path, answers: dict, keys: list) -> None:

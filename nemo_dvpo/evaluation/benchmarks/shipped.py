@@ -113,7 +113,7 @@ def ship(evaluation: Path, destination: Path, benchmarks: list[str], command: li
                 continue
             text = "".join(json.dumps(records[key], ensure_ascii=False, sort_keys=True) + "\n"
                            for key in sorted(records))
-            write_bytes_atomic(destination / f"{name}.{kind}.jsonl.gz", _gzip_bytes(text))
+            write_bytes_atomic(shipped_file(destination, name, kind), _gzip_bytes(text))
     provenance = {"name": scores.get("model"), "command": command, **repository, "model": model,
                   "scores": {name: scores[name] for name in benchmarks if name in scores},
                   "answers_from": scores.get("answers_from")}
@@ -140,9 +140,13 @@ def shipped_scores(folder: Path) -> dict:
             **provenance.get("scores", {})}
 
 
+def shipped_file(folder: Path, benchmark: str, kind: str = "answers") -> Path:
+    return folder / f"{benchmark}.{kind}.jsonl.gz"
+
+
 def shipped_records(folder: Path, benchmark: str, kind: str = "answers") -> dict:
     """The shipped ``kind`` records of ``benchmark`` by id, as ``RecordFile.load`` gives them ({} if none)."""
-    path = folder / f"{benchmark}.{kind}.jsonl.gz"
+    path = shipped_file(folder, benchmark, kind)
     return {record_key(record["id"]): record for record in read_gzip_jsonl(path)} if path.is_file() else {}
 
 
@@ -158,8 +162,7 @@ def rescore(shipped: Path) -> dict:
             continue
         docs = [prompt for prompt in assets.ifeval_prompts() if record_key(prompt["key"]) in answers]
         if len(docs) != len(answers):
-            raise NemoDvpoError(f"{shipped}/{name}.answers.jsonl.gz: {len(answers) - len(docs)} answers to prompts "
+            raise NemoDvpoError(f"{shipped_file(shipped, name)}: {len(answers) - len(docs)} answers to prompts "
                                 "IFEval does not have")
-
         scores[name] = ifeval_scores(docs, [answers[record_key(doc["key"])]["answer"] for doc in docs])
     return scores
