@@ -620,6 +620,19 @@ def _live_workers() -> dict[int, int]:
     return found
 
 
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """True if ``ancestor`` is ``pid`` or one of its ancestors (a process that ended meanwhile counts as not)."""
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                pid = int(stat.read().rsplit(")", 1)[1].split()[1])  # field 4, after the command's parentheses
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+    return False
+
+
 @pytest.mark.slow
 @needs_vllm
 def test_each_data_parallel_rank_samples_from_an_engine_of_its_own(smollm2_gvm, tmp_path):
@@ -633,7 +646,9 @@ def test_each_data_parallel_rank_samples_from_an_engine_of_its_own(smollm2_gvm, 
                                 stderr=subprocess.STDOUT, text=True)
     seen: dict[int, int] = {}
     while launcher.poll() is None:
-        seen.update(_live_workers())
+        # Only this run's workers: the module's refitted_engine fixture keeps a worker of its own alive meanwhile.
+        seen.update({worker: trainer for worker, trainer in _live_workers().items()
+                     if _descends_from(trainer, launcher.pid)})
         time.sleep(0.5)
     output = launcher.stdout.read()
     assert launcher.returncode == 0, output[-6000:]
