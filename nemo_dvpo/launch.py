@@ -25,7 +25,10 @@ def main(argv=None) -> int:
     try:
         run(args)
     except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
+        # The agent SIGTERMs the ranks still running once one fails; under load their records can carry the
+        # same (whole-second) timestamp as the rank that failed first. A rank that exited on its own is the cause.
+        own_exits = {rank: failure for rank, failure in error.failures.items() if failure.exitcode >= 0}
+        rank, failure = min((own_exits or error.failures).items(), key=lambda item: (item[1].timestamp, item[0]))
         status = failure.exitcode
         how = f"exit status {status}" if status >= 0 else f"signal {-status}"
         # Rank 0 prints its error before writing its error file: with the file there, it was printed.
