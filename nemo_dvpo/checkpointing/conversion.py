@@ -19,7 +19,7 @@ from nemo_dvpo.checkpointing.model_checkpoint import (
     load_model_checkpoint,
     save_model_checkpoint,
 )
-from nemo_dvpo.models.builder import build_gpt_model, make_bridge
+from nemo_dvpo.models.builder import build_gpt_model, make_bridge, without_data_parallel
 from nemo_dvpo.models.config import ModelConfig, available_presets, load_model_config
 from nemo_dvpo.models.sources import load_hf_config, load_tokenizer
 from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed
@@ -135,7 +135,8 @@ def export_model_to_hf(model: list[torch.nn.Module], hf_config, tokenizer, hf_pa
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         # Collective: every rank receives full tensors; only rank 0 keeps them.
-        for name, tensor in bridge.export_hf_weights(model, cpu=True, show_progress=is_writer):
+        for name, tensor in bridge.export_hf_weights(without_data_parallel(model), cpu=True,
+                                                     show_progress=is_writer):
             if is_writer:
                 tensors[name] = tensor.detach().to(_DTYPES[dtype]).clone()
     if hf_config.tie_word_embeddings:

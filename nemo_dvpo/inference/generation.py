@@ -38,8 +38,9 @@ from megatron.core.inference.sampling_params import SamplingParams
 from megatron.core.inference.text_generation_controllers.text_generation_controller import (
     TextGenerationController,
 )
-from megatron.core.utils import get_model_config, unwrap_model
+from megatron.core.utils import get_model_config
 
+from nemo_dvpo.models.builder import unwrap_model, without_data_parallel
 from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
 
 
@@ -292,11 +293,11 @@ class _LeftPaddedGPTWrapper(_SharedPrefillMixin, GPTInferenceWrapper):
 
 
 def _single_module(model) -> torch.nn.Module:
-    if isinstance(model, (list, tuple)):
-        if len(model) != 1:
-            raise NemoDvpoError("generation does not support virtual (interleaved) pipeline stages")
-        return model[0]
-    return model
+    """The model's one module without its data-parallel wrapper: generation needs none."""
+    model = list(model) if isinstance(model, (list, tuple)) else [model]
+    if len(model) != 1:
+        raise NemoDvpoError("generation does not support virtual (interleaved) pipeline stages")
+    return without_data_parallel(model)[0]
 
 
 def generate(model, tokenizer, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig,

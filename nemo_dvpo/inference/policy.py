@@ -84,7 +84,7 @@ def load_policy(spec, parallel, max_length: Optional[int] = None, precision: Opt
     import dataclasses
 
     from nemo_dvpo.checkpointing.model_checkpoint import load_model_checkpoint
-    from nemo_dvpo.models.builder import build_gpt_model
+    from nemo_dvpo.models.builder import build_gpt_model, unwrap_model
     from nemo_dvpo.utils.distributed import initialize_distributed
 
     model_cfg = policy_model_config(spec)
@@ -100,8 +100,6 @@ def load_policy(spec, parallel, max_length: Optional[int] = None, precision: Opt
         model = build_gpt_model(model_cfg, **build_kwargs)
     if tokenizer is None:
         tokenizer = policy_tokenizer(model_cfg)
-    from megatron.core.utils import unwrap_model
-
     module = model[0] if isinstance(model, (list, tuple)) else model
     built_length = unwrap_model(module).max_sequence_length
     return Policy(model=model, model_cfg=model_cfg, tokenizer=tokenizer, name=name or _default_name(spec),

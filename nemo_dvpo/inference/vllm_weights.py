@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from nemo_dvpo.models.builder import make_bridge
+from nemo_dvpo.models.builder import make_bridge, without_data_parallel
 
 
 def hf_weights_of(policy: list[torch.nn.Module], hf_config) -> Iterator[tuple[str, torch.Tensor]]:
@@ -20,7 +20,7 @@ def hf_weights_of(policy: list[torch.nn.Module], hf_config) -> Iterator[tuple[st
     bridge = make_bridge(hf_config, for_export=True)
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     with torch.no_grad():
-        for name, tensor in bridge.export_hf_weights(policy, cpu=True, show_progress=False):
+        for name, tensor in bridge.export_hf_weights(without_data_parallel(policy), cpu=True, show_progress=False):
             if tied and name == "lm_head.weight":
                 continue
             yield name, tensor

@@ -174,12 +174,28 @@ def build_gpt_model(model_cfg: ModelConfig, *, hf_config=None, wrap_with_ddp: bo
     return model
 
 
-def wrap_in_ddp(model: list[torch.nn.Module], ddp_config=None) -> list[torch.nn.Module]:
-    """Megatron DDP around each model chunk; data-parallel replicas start from rank 0's weights."""
+def wrap_in_ddp(model: list[torch.nn.Module], ddp_config=None,
+                local_gradients_on_one_rank: bool = True) -> list[torch.nn.Module]:
+    """Megatron DDP around each model chunk; data-parallel replicas start from rank 0's weights.
+
+    A model trained on one rank in fp32 gets :class:`nemo_dvpo.models.local_gradients.LocalGradients`
+    instead (unless ``local_gradients_on_one_rank`` is False): the same interface, gradients in ``param.grad``
+    rather than in a contiguous buffer resident for the whole run. bf16/fp16 models keep DDP's fp32 buffer
+    (``param.grad`` would accumulate micro-batches in bf16), and so does ``gradient_accumulation_fusion``
+    (its kernels write ``main_grad``).
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.utils import get_model_config
 
+    from nemo_dvpo.models.local_gradients import LocalGradients, trains_on_one_rank
+
     ddp_config = ddp_config or DistributedDataParallelConfig()
+    config = get_model_config(model[0])
+    trained = [param for module in model for param in module.parameters() if param.requires_grad]
+    if (local_gradients_on_one_rank and trains_on_one_rank() and len(model) == 1
+            and not ddp_config.use_distributed_optimizer and not config.gradient_accumulation_fusion
+            and all(param.dtype == torch.float32 for param in trained)):
+        return [LocalGradients(config, ddp_config, model[0])]
     wrapped = [
         DistributedDataParallel(config=get_model_config(module), ddp_config=ddp_config, module=module,
                                 # Only the first chunk buckets gradients (Megatron's convention for VPP).
@@ -198,6 +214,20 @@ def load_hf_weights_into(model: list[torch.nn.Module], source: str, hf_config=No
     bridge = make_bridge(hf_config, hf_model, name=source)
     bridge.load_hf_weights(model)
     del hf_model
+
+
+def without_data_parallel(model: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The model chunks without their data-parallel wrappers (Megatron DDP or LocalGradients; Float16Module
+    stays). For megatron-core's inference and megatron-bridge's export, which unwrap only the wrapper classes
+    they know."""
+    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+
+    chunks = []
+    for chunk in model:
+        while isinstance(chunk, _BaseDataParallel):
+            chunk = chunk.module
+        chunks.append(chunk)
+    return chunks
 
 
 def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:

@@ -95,6 +95,9 @@ def train_step(model: list[torch.nn.Module], optimizer, scheduler, micro_batches
         forward_only=False,
     )
     update_successful, grad_norm, _ = optimizer.step()
+    # Free per-parameter gradients (LocalGradients) before the next forward pass or rollout; with DDP's
+    # buffer this only drops param.grad's alias of main_grad.
+    optimizer.zero_grad(set_to_none=True)
     if update_successful:
         scheduler.step(increment=1)
     metrics = reduce_metrics(per_micro_batch)
