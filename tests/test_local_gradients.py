@@ -22,13 +22,13 @@ def _next_token_step(micro_batch, chunk):
 
 def _train(local_gradients: bool, micro_batches_per_step: list[list[torch.Tensor]]):
     """A tiny model from a fixed seed, trained one optimizer step per entry: (model, optimizer, metrics)."""
-    from nemo_dvpo.models.builder import build_gpt_model, wrap_in_ddp
+    from nemo_dvpo.models.builder import build_gpt_model, wrap_for_training
     from nemo_dvpo.training.optim import OptimConfig, build_optimizer, ddp_config_for
     from nemo_dvpo.training.step import configure_for_training, train_step
 
     torch.manual_seed(0)
     optim = OptimConfig(lr=1e-2, clip_grad=0.5, weight_decay=0.1)  # clipping active: grad norms are ~1-10
-    model = wrap_in_ddp(build_gpt_model(load_model_config("tiny")), ddp_config_for(optim),
+    model = wrap_for_training(build_gpt_model(load_model_config("tiny")), ddp_config_for(optim),
                         local_gradients_on_one_rank=local_gradients)
     optimizer, scheduler = build_optimizer(model, optim, total_steps=len(micro_batches_per_step))
     configure_for_training(model, optimizer)

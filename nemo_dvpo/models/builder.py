@@ -170,13 +170,13 @@ def build_gpt_model(model_cfg: ModelConfig, *, hf_config=None, wrap_with_ddp: bo
 
         model = apply_lora(model, lora)
     if wrap_with_ddp:
-        model = wrap_in_ddp(model, ddp_config)
+        model = wrap_for_training(model, ddp_config)
     return model
 
 
-def wrap_in_ddp(model: list[torch.nn.Module], ddp_config=None,
+def wrap_for_training(model: list[torch.nn.Module], ddp_config=None,
                 local_gradients_on_one_rank: bool = True) -> list[torch.nn.Module]:
-    """Megatron DDP around each model chunk; data-parallel replicas start from rank 0's weights.
+    """Megatron DDP around each model chunk (data-parallel replicas start from rank 0's weights), or LocalGradients.
 
     A model trained on one rank in fp32 gets :class:`nemo_dvpo.models.local_gradients.LocalGradients`
     instead (unless ``local_gradients_on_one_rank`` is False): the same interface, gradients in ``param.grad``
