@@ -175,7 +175,7 @@ def build_gpt_model(model_cfg: ModelConfig, *, hf_config=None, wrap_with_ddp: bo
 
 
 def wrap_for_training(model: list[torch.nn.Module], ddp_config=None,
-                local_gradients_on_one_rank: bool = True) -> list[torch.nn.Module]:
+                      local_gradients_on_one_rank: bool = True) -> list[torch.nn.Module]:
     """Megatron DDP around each model chunk (data-parallel replicas start from rank 0's weights), or LocalGradients.
 
     A model trained on one rank in fp32 gets :class:`nemo_dvpo.models.local_gradients.LocalGradients`
