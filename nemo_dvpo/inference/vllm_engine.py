@@ -154,7 +154,7 @@ class VllmEngineConfig:
                               f"rollout.vllm (worker_extension_cls and logprobs_mode are fixed)")
 
     def addresses(self) -> list[str]:
-        """The engines ``address`` names (one per data-parallel rank)."""
+        """The engines' host:port entries of ``address`` (one per data-parallel rank; none when started here)."""
         return [] if self.address is None else [address.strip() for address in self.address.split(",")]
 
     def for_data_parallel_rank(self, rank: int, size: int) -> "VllmEngineConfig":

@@ -46,9 +46,6 @@ class LocalGradients(_BaseDataParallel):
             if param.grad is not None:
                 param.grad.mul_(scaling_factor)
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        return self.module.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
-
 
 def trains_on_one_rank() -> bool:
     """True when the tensor, pipeline, context and data parallel groups (the global parallel state, which
