@@ -101,19 +101,26 @@ def plan() -> list[Step]:
 
 
 def steps_to_run(steps: list[Step], targets: list[str], exists: Callable[[str], bool]) -> list[Step]:
-    """The unfinished steps among ``targets`` and those that make what one of them still needs, in plan order.
+    """The unfinished steps among ``targets`` and those that make what one of them still needs: the first
+    target's chain first, then the next target's, each in plan order.
 
-    A finished step's inputs are never made again: shipped answers stand without the policy behind them.
+    So ``ifeval_dvpo ifeval_ppo`` ships DVPO's answers before the reward model of PPO's chain starts (on a machine
+    lost between sessions, the first chain is the one that finishes). A finished step's inputs are never made
+    again: shipped answers stand without the policy behind them.
     """
     maker = {made: step for step in steps for made in (step.done, *step.makes)}
-    wanted, todo = set(), [step for step in steps if step.name in targets]
-    while todo:
-        step = todo.pop()
-        if step.name in wanted or exists(step.done):
-            continue
-        wanted.add(step.name)
-        todo += [maker[need] for need in step.needs if not exists(need)]
-    return [step for step in steps if step.name in wanted]
+    chain_of: dict[str, int] = {}  # step name -> the index of the first target that needs it
+    for index, target in enumerate(targets):
+        todo = [step for step in steps if step.name == target]
+        while todo:
+            step = todo.pop()
+            if step.name in chain_of or exists(step.done):
+                continue
+            chain_of[step.name] = index
+            todo += [maker[need] for need in step.needs if not exists(need)]
+    plan_order = {step.name: position for position, step in enumerate(steps)}
+    return sorted((step for step in steps if step.name in chain_of),
+                  key=lambda step: (chain_of[step.name], plan_order[step.name]))
 
 
 def final_steps(steps: list[Step]) -> list[str]:

@@ -330,6 +330,11 @@ def test_every_command_the_ifeval541_driver_runs_exists():
     everything = module.final_steps(steps)
     assert everything == ["report_against_the_start", "report_against_dvpo", "gvm_all_pairs"]
     assert to_run(everything, shipped) == everything and len(to_run(everything)) == 15
+    # Several targets: the first one's chain, then the next one's - not every stage-1 model first.
+    made_by_dpo = {"runs/gvm_pair.train.jsonl", "docs/evals/ifeval541/dpo/provenance.json"}
+    assert to_run(["ifeval_dvpo", "ifeval_ppo", "ifeval_grpo"], made_by_dpo) == [
+        "gvm_801_pairs", "policy_dvpo", "ifeval_dvpo", "reward_model_801_pairs", "policy_ppo", "ifeval_ppo",
+        "policy_grpo", "ifeval_grpo"]
 
 
 
