@@ -29,7 +29,7 @@ def _train(local_gradients: bool, micro_batches_per_step: list[list[torch.Tensor
     torch.manual_seed(0)
     optim = OptimConfig(lr=1e-2, clip_grad=0.5, weight_decay=0.1)  # clipping active: grad norms are ~1-10
     model = wrap_for_training(build_gpt_model(load_model_config("tiny")), ddp_config_for(optim),
-                        local_gradients_on_one_rank=local_gradients)
+                              local_gradients_on_one_rank=local_gradients)
     optimizer, scheduler = build_optimizer(model, optim, total_steps=len(micro_batches_per_step))
     configure_for_training(model, optimizer)
     sequence = micro_batches_per_step[0][0]
