@@ -405,6 +405,20 @@ def test_truncated_and_foreign_gguf_files_are_named(tmp_path):
     assert f"{garbage} is not a GGUF file" in message
 
 
+def test_a_cached_gguf_source_is_not_parsed_again(smollm2_hf_folder, monkeypatch):
+    """The header check guards de-quantising; once the cached folder exists no process pays for it again."""
+    import gguf
+
+    from nemo_dvpo.models.sources import hf_folder_for
+    from tests.conftest import SMOLLM2_SOURCE
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the GGUF header was parsed again")
+
+    monkeypatch.setattr(gguf, "GGUFReader", refuse)
+    assert hf_folder_for(SMOLLM2_SOURCE).location == smollm2_hf_folder
+
+
 @pytest.mark.slow
 def test_output_paths_below_a_file_fail_before_any_work(uninterrupted, tmp_path):
     blocker = tmp_path / "a_file"

@@ -97,11 +97,14 @@ def hf_folder_for(source: str) -> ResolvedSource:
     if resolved.kind != "gguf":
         return resolved
     gguf_path = Path(resolved.location) / resolved.gguf_file
-    check_gguf_file(gguf_path)
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
     if not (folder / "config.json").exists():
+        # Checked only before de-quantising: a cached folder was written from this very file (same path, size and
+        # modification time), and parsing the header again costs every process 6-10 s (SmolLM2's 49k-token
+        # vocabulary is read string by string).
+        check_gguf_file(gguf_path)
         _dequantize_gguf(resolved, folder)
     return ResolvedSource(kind="hf_folder", location=str(folder), original=source)
 
