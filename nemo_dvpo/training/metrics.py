@@ -22,8 +22,16 @@ def peak_memory_mib() -> float:
     the last :func:`reset_peak_memory`."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM is the address space's high-water mark, which reset_peak_memory resets. ru_maxrss is not always: the
+    # kernel folds it with the high-water mark recorded when any thread of the process exited, which no reset
+    # clears (a process whose threads came and went reported its old peak after the reset).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def reset_peak_memory() -> None:
