@@ -26,4 +26,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nemo_dvpo.utils.errors import run_and_exit
+
+    run_and_exit(main)

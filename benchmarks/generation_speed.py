@@ -21,6 +21,7 @@ import nemo_dvpo  # noqa: F401  (CPU compatibility layer first)
 from nemo_dvpo.inference.chat import encode_prompt
 from nemo_dvpo.models.config import load_model_config
 from nemo_dvpo.models.sources import load_hf_model, load_tokenizer
+from nemo_dvpo.utils.errors import run_and_exit
 
 WORDS = ["cat", "dog", "river", "robot", "ship", "tree", "king", "bird"]
 
@@ -72,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

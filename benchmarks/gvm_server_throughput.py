@@ -27,6 +27,7 @@ import numpy as np
 from _runs import REPO_ROOT, start_gvm_server, stop_process
 
 from nemo_dvpo.serving.kserve import HEADER_LENGTH, infer_request_body, parse_infer_response
+from nemo_dvpo.utils.errors import run_and_exit
 
 
 def request(url: str, tokens: np.ndarray, lengths: np.ndarray) -> float:
@@ -113,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -24,6 +24,7 @@ import sys
 from _runs import REPO_ROOT, median_of, read_metrics, run_entry_point
 
 from nemo_dvpo.data.jsonl import read_jsonl
+from nemo_dvpo.utils.errors import run_and_exit
 from nemo_dvpo.utils.paths import atomic_write_text
 
 DATA = REPO_ROOT / "data" / "smollm2_ifeval"
@@ -114,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

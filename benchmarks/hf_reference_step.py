@@ -24,6 +24,7 @@ from nemo_dvpo.data.prompts import load_prompts
 from nemo_dvpo.models.config import load_model_config
 from nemo_dvpo.models.sources import load_hf_model, load_tokenizer
 from nemo_dvpo.training.metrics import peak_memory_mib
+from nemo_dvpo.utils.errors import run_and_exit
 
 
 def main() -> None:
@@ -88,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

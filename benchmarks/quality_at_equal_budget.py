@@ -38,6 +38,7 @@ from _runs import REPO_ROOT, run_entry_point
 from verifiable_paired import per_prompt_changes, sign_test_p
 
 from nemo_dvpo.evaluation.verifiable import confidence_interval_95
+from nemo_dvpo.utils.errors import run_and_exit
 
 ENTRY_POINTS = {"dpo": "train_dpo.py", "ppo": "train_ppo.py", "grpo": "train_grpo.py", "dvpo": "train_dvpo.py"}
 
@@ -170,4 +171,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -29,6 +29,7 @@ from nemo_dvpo.models.builder import build_gpt_model, resolve_hf_config
 from nemo_dvpo.models.config import load_model_config
 from nemo_dvpo.models.sources import hf_folder_for, load_tokenizer
 from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed
+from nemo_dvpo.utils.errors import run_and_exit
 
 WORDS = ["cat", "dog", "river", "robot", "ship", "tree", "king", "bird"]
 
@@ -112,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

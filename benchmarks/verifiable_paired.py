@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 from nemo_dvpo.evaluation.verifiable import confidence_interval_95
+from nemo_dvpo.utils.errors import run_and_exit
 
 
 def load_evaluation(spec: str) -> dict:
@@ -68,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -22,7 +22,7 @@ from nemo_dvpo.inference.policy import load_policy
 from nemo_dvpo.recipes.config import parse_recipe_config
 from nemo_dvpo.utils.config import register_defaults
 from nemo_dvpo.utils.distributed import destroy_distributed, is_rank_zero, print_rank_zero
-from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.errors import exit_on_user_error, run_and_exit
 from nemo_dvpo.utils.paths import CONF_DIR
 
 # nemo_dvpo/conf/generate.yaml composes these defaults (one source: the dataclass) with the preset.
@@ -92,4 +92,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from nemo_dvpo.serving.gvm_server import ServeGVMConfig, serve
 from nemo_dvpo.serving.http import serve_main
 from nemo_dvpo.utils.config import register_defaults
-from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.errors import exit_on_user_error, run_and_exit
 from nemo_dvpo.utils.paths import CONF_DIR
 
 register_defaults("serve_gvm_defaults", ServeGVMConfig)
@@ -28,4 +28,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from nemo_dvpo.serving.http import serve_main
 from nemo_dvpo.serving.openai_server import ServePolicyConfig, serve
 from nemo_dvpo.utils.config import register_defaults
-from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.errors import exit_on_user_error, run_and_exit
 from nemo_dvpo.utils.paths import CONF_DIR
 
 register_defaults("serve_policy_defaults", ServePolicyConfig)
@@ -30,4 +30,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -15,7 +15,7 @@ from nemo_dvpo.rlhf.report import format_summary
 from nemo_dvpo.training.stopping import GracefulStop
 from nemo_dvpo.utils.config import register_defaults
 from nemo_dvpo.utils.distributed import destroy_distributed, print_rank_zero
-from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.errors import exit_on_user_error, run_and_exit
 from nemo_dvpo.utils.paths import CONF_DIR
 
 register_defaults("grpo_defaults", GRPORecipeConfig)
@@ -34,4 +34,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -16,7 +16,7 @@ from nemo_dvpo.recipes.gvm import GVMRecipe, GVMRecipeConfig, parse_config
 from nemo_dvpo.training.stopping import GracefulStop
 from nemo_dvpo.utils.config import register_defaults
 from nemo_dvpo.utils.distributed import destroy_distributed
-from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.errors import exit_on_user_error, run_and_exit
 from nemo_dvpo.utils.paths import CONF_DIR
 
 # nemo_dvpo/conf/reward_model.yaml composes these defaults (the value-model recipe's dataclasses) with its overrides.
@@ -35,4 +35,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -419,6 +419,55 @@ def test_a_cached_gguf_source_is_not_parsed_again(smollm2_hf_folder, monkeypatch
     assert hf_folder_for(SMOLLM2_SOURCE).location == smollm2_hf_folder
 
 
+# -- how an entry point ends ------------------------------------------------------------------------------
+
+_ENTRY_POINT = """
+import atexit, importlib.util, sys, threading, time
+spec = importlib.util.spec_from_file_location("errors", {errors!r})
+errors = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(errors)  # stdlib only: the test need not import torch and megatron-core for it
+
+class Teardown:
+    def __del__(self):  # runs when the interpreter's teardown clears this module
+        sys.__stdout__.write("teardown ran\\n")
+        sys.__stdout__.flush()
+
+kept = Teardown()
+
+def main():
+    atexit.register(lambda: open({marker!r}, "a").write("atexit "))
+    print("buffered output")  # a pipe: block-buffered, so only a flush delivers it
+    how = sys.argv[1]
+    if how == "thread":
+        threading.Thread(target=lambda: (time.sleep(0.5), open({marker!r}, "a").write("thread "))).start()
+    if how == "raise":
+        raise RuntimeError("a bug")
+    if how.startswith("exit"):
+        sys.exit(int(how[4:]))
+    return int(how) if how.isdigit() else None
+
+errors.run_and_exit(main)
+"""
+
+
+@pytest.mark.parametrize("how, status, teardown, marker", [
+    ("none", 0, False, "atexit "), ("3", 3, False, "atexit "), ("exit75", 75, False, "atexit "),
+    ("exit0", 0, False, "atexit "),
+    # Python's usual path: a non-daemon thread is waited for, an unexpected exception prints its traceback
+    ("thread", 0, True, "thread atexit "), ("raise", 1, True, "atexit "),
+])
+def test_an_entry_point_ends_with_its_status_after_its_atexit_handlers_without_the_teardown(how, status, teardown,
+                                                                                          marker, tmp_path):
+    marker_file = tmp_path / "marker"
+    script = _ENTRY_POINT.format(errors=str(REPO_ROOT / "nemo_dvpo" / "utils" / "errors.py"), marker=str(marker_file))
+    completed = subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == status, completed.stderr
+    assert completed.stdout.startswith("buffered output\n")
+    assert ("teardown ran" in completed.stdout) == teardown, completed.stdout
+    assert marker_file.read_text() == marker
+    assert ("RuntimeError: a bug" in completed.stderr) == (how == "raise")
+
+
 @pytest.mark.slow
 def test_output_paths_below_a_file_fail_before_any_work(uninterrupted, tmp_path):
     blocker = tmp_path / "a_file"

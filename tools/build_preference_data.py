@@ -71,7 +71,7 @@ from nemo_dvpo.data.prompt_pool import (
     shakespeare_tasks,
     template_tasks,
 )
-from nemo_dvpo.utils.errors import ConfigError, exit_on_user_error
+from nemo_dvpo.utils.errors import ConfigError, exit_on_user_error, run_and_exit
 from nemo_dvpo.utils.seeding import derive_seed
 
 # The tool runs from a checkout (it is not in the wheel): its default templates are the repository's.
@@ -433,4 +433,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -141,4 +141,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nemo_dvpo.utils.errors import run_and_exit
+
+    run_and_exit(main)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.errors import exit_on_user_error, run_and_exit
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,4 +40,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -23,7 +23,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.errors import exit_on_user_error, run_and_exit
 
 ALL_BENCHMARKS = "ifeval,mt_bench,arena_hard,alpaca_eval"
 
@@ -174,4 +174,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.errors import exit_on_user_error, run_and_exit
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,4 +75,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -10,7 +10,7 @@ import argparse
 
 from nemo_dvpo.evaluation.benchmarks.store import write_bytes_atomic
 from nemo_dvpo.evaluation.curves import curves_png, read_run_metrics
-from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.errors import exit_on_user_error, run_and_exit
 from nemo_dvpo.utils.paths import check_output_file
 
 
@@ -32,4 +32,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -30,7 +30,7 @@ import math
 import os
 from pathlib import Path
 
-from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError, exit_on_user_error
+from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError, exit_on_user_error, run_and_exit
 
 STAGES = ("sft", "value", "rl")
 SPLITS = ("test",) + STAGES
@@ -150,4 +150,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

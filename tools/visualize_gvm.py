@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nemo_dvpo.utils.errors import exit_on_user_error
+from nemo_dvpo.utils.errors import exit_on_user_error, run_and_exit
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,4 +96,4 @@ def dataclass_replace(config, **changes):
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

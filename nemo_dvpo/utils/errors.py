@@ -10,16 +10,20 @@ Exit statuses of every entry point (``examples/``, ``tools/``):
      continues exactly (75 is sysexits' EX_TEMPFAIL: "try again later" - a requeue, for Slurm)
 128+N killed by a second signal N before the stop finished (no new checkpoint)
 ==== ==========================================================================================
+
+Every entry point ends through :func:`run_and_exit`, which skips the interpreter's teardown once the work is done.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
 import sys
+import threading
 import time
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
@@ -87,3 +91,33 @@ def exit_on_user_error(main: F) -> F:
             sys.exit(EXIT_STOPPED)
 
     return wrapper  # type: ignore[return-value]
+
+
+def run_and_exit(main: Callable[[], object]) -> NoReturn:
+    """Run an entry point's ``main`` and end the process with its exit status, without the interpreter's teardown.
+
+    With torch, megatron-core (which imports torch._dynamo and inductor) and transformers loaded, Python's own
+    teardown - clearing thousands of modules and collecting their objects - takes 1-3 s of CPU after the work is done
+    (docs/benchmarks.md, "Process exit"), in every rank of every launch. A finished entry point needs none of it:
+    atexit handlers still run here (logging, multiprocessing's children, TensorBoard), the standard streams are
+    flushed, and the library closes the files it writes. The status is ``main``'s return value when that is an int
+    (else 0) or a ``SystemExit``'s code (the statuses above). Any other exception takes Python's usual path
+    (traceback, status 1, full teardown), and so does a process with a non-daemon thread alive, which Python waits for.
+    """
+    try:
+        returned = main()
+        status = returned if isinstance(returned, int) else 0
+    except SystemExit as stop:
+        if stop.code is not None and not isinstance(stop.code, int):
+            raise  # a message: Python prints it and exits 1
+        status = stop.code or 0
+    if any(thread.is_alive() and not thread.daemon for thread in threading.enumerate()
+           if thread is not threading.main_thread()):
+        sys.exit(status)
+    atexit._run_exitfuncs()  # what Py_Finalize runs first; the rest of its work is the teardown skipped here
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(status)

@@ -12,6 +12,7 @@ from nemo_dvpo.models.config import load_model_config
 from nemo_dvpo.models.forward import full_logits
 from nemo_dvpo.models.sources import load_hf_model, load_tokenizer
 from nemo_dvpo.utils.distributed import ParallelConfig
+from nemo_dvpo.utils.errors import run_and_exit
 
 
 def main() -> None:
@@ -52,4 +53,4 @@ def main() -> None:
 
 # Guarded: dist_checkpointing's writer starts a spawned process that re-imports this module.
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -14,6 +14,7 @@ from nemo_dvpo.checkpointing.model_checkpoint import (
     save_model_checkpoint,
 )
 from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed
+from nemo_dvpo.utils.errors import run_and_exit
 
 
 def main() -> None:
@@ -34,4 +35,4 @@ def main() -> None:
 
 # Guarded: dist_checkpointing's writer starts a spawned process that re-imports this module.
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -23,4 +23,6 @@ def main() -> None:
 
 # Guarded: dist_checkpointing's writer starts a spawned process that re-imports this module.
 if __name__ == "__main__":
-    main()
+    from nemo_dvpo.utils.errors import run_and_exit
+
+    run_and_exit(main)

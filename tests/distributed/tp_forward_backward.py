@@ -13,6 +13,7 @@ from nemo_dvpo.models.builder import make_bridge
 from nemo_dvpo.models.config import load_model_config
 from nemo_dvpo.models.forward import position_ids_for
 from nemo_dvpo.utils.distributed import ParallelConfig
+from nemo_dvpo.utils.errors import run_and_exit
 
 
 def main() -> None:
@@ -54,4 +55,4 @@ def main() -> None:
 
 # Guarded: dist_checkpointing's writer starts a spawned process that re-imports this module.
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

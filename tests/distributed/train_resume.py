@@ -20,6 +20,7 @@ from nemo_dvpo.models.value_model import build_value_model
 from nemo_dvpo.training.optim import OptimConfig, build_optimizer, ddp_config_for
 from nemo_dvpo.training.step import configure_for_training, train_step
 from nemo_dvpo.utils.distributed import ParallelConfig, initialize_distributed
+from nemo_dvpo.utils.errors import run_and_exit
 
 
 def batch_for(step: int, rank: int):
@@ -90,4 +91,4 @@ def main() -> None:
 
 # Guarded: dist_checkpointing's writer starts a spawned process that re-imports this module.
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

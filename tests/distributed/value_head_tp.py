@@ -15,6 +15,7 @@ from nemo_dvpo.models.config import load_model_config
 from nemo_dvpo.models.forward import position_ids_for
 from nemo_dvpo.models.value_model import attach_value_head, token_values, value_head
 from nemo_dvpo.utils.distributed import ParallelConfig
+from nemo_dvpo.utils.errors import run_and_exit
 
 
 def main() -> None:
@@ -68,4 +69,4 @@ def main() -> None:
 
 # Guarded: a spawned helper process may re-import this module.
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)
