@@ -11,7 +11,8 @@ Exit statuses of every entry point (``examples/``, ``tools/``):
 128+N killed by a second signal N before the stop finished (no new checkpoint)
 ==== ==========================================================================================
 
-Every entry point ends through :func:`run_and_exit`, which skips the interpreter's teardown once the work is done.
+Every entry point that loads the library ends through :func:`run_and_exit`, which skips the interpreter's teardown
+once the work is done.
 """
 
 from __future__ import annotations
@@ -97,12 +98,13 @@ def run_and_exit(main: Callable[[], object]) -> NoReturn:
     """Run an entry point's ``main`` and end the process with its exit status, without the interpreter's teardown.
 
     With torch, megatron-core (which imports torch._dynamo and inductor) and transformers loaded, Python's own
-    teardown - clearing thousands of modules and collecting their objects - takes 1-3 s of CPU after the work is done
-    (docs/benchmarks.md, "Process exit"), in every rank of every launch. A finished entry point needs none of it:
-    atexit handlers still run here (logging, multiprocessing's children, TensorBoard), the standard streams are
-    flushed, and the library closes the files it writes. The status is ``main``'s return value when that is an int
-    (else 0) or a ``SystemExit``'s code (the statuses above). Any other exception takes Python's usual path
-    (traceback, status 1, full teardown), and so does a process with a non-daemon thread alive, which Python waits for.
+    teardown - clearing thousands of modules and collecting their objects - takes 1-3 s of CPU after the work is done,
+    in every rank of every launch (docs/benchmarks.md, "Test suite on the AVX2-only CPU again": 1.8 s less per run of
+    train_gvm.py). A finished entry point needs none of it: atexit handlers still run here (logging,
+    multiprocessing's children, TensorBoard), the standard streams are flushed, and the library closes the files it
+    writes. The status is ``main``'s return value when that is an int (else 0) or a ``SystemExit``'s code (the
+    statuses above). Any other exception takes Python's usual path (traceback, status 1, full teardown), and so does
+    a process with a non-daemon thread alive, which Python waits for.
     """
     try:
         returned = main()
