@@ -608,16 +608,23 @@ def _workers_of(parent_pid: int) -> list[int]:
 
 
 def _live_workers() -> dict[int, int]:
-    """Every live vLLM worker's pid with the pid of the trainer that started it (its ``--parent-pid``)."""
-    found = {}
+    """Every live vLLM worker's pid with the pid of the trainer that started it (its ``--parent-pid``).
+
+    A process the worker forks (vLLM runs ``lscpu`` and the like) shows the worker's command line until it execs;
+    one whose parent is itself a worker is that child, not a second engine. An orphaned worker (its trainer gone,
+    its parent now init) still counts."""
+    found, parent_of = {}, {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             arguments = cmdline.read_bytes().split(b"\0")
+            if any(a.endswith(b"vllm_worker.py") for a in arguments) and b"--parent-pid" in arguments:
+                stat = (cmdline.parent / "stat").read_text()
+                pid = int(cmdline.parent.name)
+                found[pid] = int(arguments[arguments.index(b"--parent-pid") + 1])
+                parent_of[pid] = int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after the command's parentheses
         except OSError:
             continue  # the process ended while we looked
-        if any(a.endswith(b"vllm_worker.py") for a in arguments) and b"--parent-pid" in arguments:
-            found[int(cmdline.parent.name)] = int(arguments[arguments.index(b"--parent-pid") + 1])
-    return found
+    return {pid: trainer for pid, trainer in found.items() if parent_of[pid] not in found}
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:
