@@ -1,6 +1,12 @@
 """nemo_dvpo: Decoupled Value Policy Optimization on megatron-core."""
 
-from nemo_dvpo.utils import cpu_compat as _cpu_compat
+from nemo_dvpo.utils import allocator as _allocator
+
+# First, before torch is imported: an entry point of ours runs again with tcmalloc preloaded where the machine has it
+# (nemo_dvpo/utils/allocator.py says why); every other importer is left as it is.
+_allocator.preload_for_entry_point()
+
+from nemo_dvpo.utils import cpu_compat as _cpu_compat  # noqa: E402
 
 __version__ = "0.1.0"
 

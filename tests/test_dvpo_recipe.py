@@ -4,6 +4,7 @@ runs end to end (stage 1, stage 2, summary, HF export) and a killed run resumes 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nemo_dvpo.utils import allocator
 from tests.conftest import (
     REPO_ROOT,
     entry_point_env as _env,
@@ -122,6 +124,10 @@ def test_main_job_trains_a_gvm_first_then_the_policy_and_exports_it(tmp_path):
     assert summary["verifiable_score_before"]["num_prompts"] == 4
     assert summary["verifiable_score_after"]["num_prompts"] == 4
     assert summary["steps_this_run"] == 2 and summary["median_step_s"] > 0
+    # The entry point ran again with tcmalloc preloaded where the machine has it (nemo_dvpo/utils/allocator.py).
+    on_cpu_machine = not os.path.exists("/dev/nvidiactl") and "NEMO_DVPO_CPU_ALLOCATOR" not in os.environ
+    expected = "tcmalloc" if on_cpu_machine and allocator.find_library("tcmalloc") else allocator.in_use()
+    assert summary["cpu_allocator"] == expected and f"(CPU allocator: {expected})" in output
     assert sorted(_step_metrics(run_dir)) == [1, 2]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -136,7 +136,8 @@ def format_summary(title: str, summary: dict) -> str:
     lines += [
         "  time per step (median)     " + (f"{step_s:.1f} s over {summary['steps_this_run']} steps" if step_s
                                             else "no step ran"),
-        f"  peak memory                {summary['peak_memory_mib']:.0f} MiB",
+        f"  peak memory                {summary['peak_memory_mib']:.0f} MiB"
+        + (f" (CPU allocator: {summary['cpu_allocator']})" if "cpu_allocator" in summary else ""),
         f"  policy checkpoint          {summary['policy_checkpoint']}",
         f"  Hugging Face export        {summary['hf_export']}",
     ]

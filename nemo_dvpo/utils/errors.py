@@ -49,13 +49,9 @@ class TrainingStopped(Exception):
 
 
 def _rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
+    dist = sys.modules.get("torch.distributed")  # not imported: not initialised (an error before torch loads)
+    if dist is not None and dist.is_initialized():
+        return dist.get_rank()
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
