@@ -610,9 +610,9 @@ def _workers_of(parent_pid: int) -> list[int]:
 def _live_workers() -> dict[int, int]:
     """Every live vLLM worker's pid with the pid of the trainer that started it (its ``--parent-pid``).
 
-    A process the worker forks (vLLM runs ``lscpu`` and the like) shows the worker's command line until it execs;
-    one whose parent is itself a worker is that child, not a second engine. An orphaned worker (its trainer gone,
-    its parent now init) still counts."""
+    A process the worker forks (multiprocessing's resource tracker, inductor's compiles) shows the worker's command
+    line until it execs; one whose parent is itself a worker is that child, not a second engine. An orphaned worker
+    (its trainer gone, its parent now init) still counts."""
     found, parent_of = {}, {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
