@@ -28,6 +28,7 @@ from nemo_dvpo.utils.errors import EXIT_USER_ERROR, ConfigError, report_failure
 ENV = "NEMO_DVPO_CPU_ALLOCATOR"
 CHOICES = ("tcmalloc", "jemalloc", "system")
 LIBRARIES = {"tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"), "jemalloc": ("libjemalloc.so.2",)}
+DEBIAN_PACKAGES = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}
 LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                 "/usr/local/lib", os.path.join(sys.prefix, "lib"))
 ENTRY_POINT_DIRS = ("examples", "tools", "benchmarks")
@@ -56,12 +57,12 @@ def requested(environ: Mapping[str, str], gpu_machine: bool) -> tuple[str, bool]
     return value, True
 
 
-def is_entry_point(script: str, repo_root: Path = REPO_ROOT) -> bool:
+def is_entry_point(script: str) -> bool:
     """True for a Python file under the repository's ``examples/``, ``tools/`` or ``benchmarks/``."""
     if not script.endswith(".py"):
         return False
     try:
-        relative = Path(script).resolve().relative_to(repo_root)
+        relative = Path(script).resolve().relative_to(REPO_ROOT)
     except ValueError:
         return False
     return relative.parts[0] in ENTRY_POINT_DIRS
@@ -84,8 +85,7 @@ def preload_plan(script: str, environ: Mapping[str, str], gpu_machine: bool,
         if explicit:
             searched = ", ".join(LIBRARY_DIRS if directories is None else directories)
             raise ConfigError(f"{ENV}={name}: none of {', '.join(LIBRARIES[name])} in {searched}; "
-                              f"install it (Debian/Ubuntu: apt-get install "
-                              f"{'libtcmalloc-minimal4' if name == 'tcmalloc' else 'libjemalloc2'}) or set "
+                              f"install it (Debian/Ubuntu: apt-get install {DEBIAN_PACKAGES[name]}) or set "
                               f"{ENV}=system")
         return None
     env = dict(environ)
