@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,7 @@ def test_views_refuse_an_entry_past_the_buffer():
     ("address", "nohost", "rollout.vllm.address"), ("address", "h:1,nohost", "rollout.vllm.address"),
     ("refit_transport", "file", "rollout.vllm.refit_transport"),
     ("engine_kwargs", {"logprobs_mode": "raw_logprobs"}, "engine_kwargs may not set"),
+    ("sleep_level", 0, "rollout.vllm.sleep_level"),
 ])
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -124,6 +126,87 @@ def test_each_data_parallel_rank_reaches_an_engine_of_its_own():
         VllmEngineConfig(model="m", address="node1:5000").for_data_parallel_rank(1, 2)
     local = VllmEngineConfig(model="m")
     assert local.for_data_parallel_rank(1, 2) is local
+
+
+def test_sleep_mode_is_for_an_engine_started_beside_the_trainer_on_a_gpu():
+    with pytest.raises(ConfigError, match="rollout.vllm.address has devices of its own"):
+        VllmEngineConfig(model="m", enable_sleep_mode=True, address="node1:5000")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="enable_sleep_mode=true needs a GPU"):
+            VllmEngine(VllmEngineConfig(model="m", enable_sleep_mode=True)).start()
+
+
+class RecordingEngine(VllmEngine):
+    """An engine whose worker requests are recorded instead of sent (the trainer-side bookkeeping only)."""
+
+    def __init__(self, config: VllmEngineConfig, calls: list):
+        super().__init__(config)
+        self.calls = calls
+
+    def _request(self, op: str, **payload) -> dict:
+        self.calls.append((op, payload.get("tags", payload.get("level"))))
+        return {}
+
+    def generate_output(self, tokenizer, prompt_ids, sampling):
+        self.calls.append(("generate", None))
+        return _one_token_generation()
+
+
+def _one_token_generation():
+    return types.SimpleNamespace(tokens=torch.zeros(1, 2, dtype=torch.long), logprobs=torch.zeros(1, 2),
+                                 response_mask=torch.tensor([[False, True]]))
+
+
+def _rollouts(monkeypatch, config: VllmEngineConfig, updates: list[bool], engine_rank: bool = True) -> list:
+    """The engine requests and refits of one rollout per entry of ``updates`` (True: an update came before it),
+    through PolicyModels.sample with the models replaced by recorders."""
+    from nemo_dvpo.rlhf import policy as rlhf_policy
+
+    calls = []
+    monkeypatch.setattr(rlhf_policy, "refit_from_policy",
+                        lambda engine, model, hf_config: calls.append(("refit", None)))
+    monkeypatch.setattr(rlhf_policy, "token_logprobs",
+                        lambda *args, **kwargs: (torch.zeros(1, 2), torch.zeros(1, 2)))
+    # The rank that holds the engine broadcasts its generation to the rest of its model-parallel group.
+    monkeypatch.setattr(rlhf_policy, "_from_first_of_model_parallel_group",
+                        lambda value: _one_token_generation() if value is None else value)
+    policy = rlhf_policy.PolicyModels.__new__(rlhf_policy.PolicyModels)
+    policy.cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(engine="vllm", vllm=config,
+                                                                      forward_micro_batch_size=1))
+    policy.model, policy.hf_config, policy.vocab_size = None, None, 8
+    policy.engine = RecordingEngine(config, calls) if engine_rank else None
+    policy.engine_is_stale = True
+    rollouts = []
+    for updated in updates:
+        policy.engine_is_stale |= updated  # what update() does
+        del calls[:]
+        policy.sample(None, [[1]], SamplingConfig(max_new_tokens=1))
+        rollouts.append(list(calls))
+    return rollouts
+
+
+def test_a_sleeping_engine_wakes_its_weights_for_the_refit_then_its_kv_cache_and_sleeps_after_the_rollout(
+        monkeypatch):
+    # Without sleep mode: a refit when an update came before, nothing else but the rollout.
+    awake = _rollouts(monkeypatch, VllmEngineConfig(model="m"), [False, True, False])
+    assert awake == [[("refit", None), ("generate", None)], [("refit", None), ("generate", None)],
+                     [("generate", None)]]
+    # Level 1 (weights offloaded to host): the weights come back before a refit writes into them, the KV cache
+    # after it (never both beside the refit's buffers), and the engine sleeps again once it has sampled.
+    level1 = _rollouts(monkeypatch, VllmEngineConfig(model="m", enable_sleep_mode=True), [False, True, False])
+    assert level1 == [
+        [("refit", None), ("generate", None), ("sleep", 1)],
+        [("wake_up", ["weights"]), ("refit", None), ("wake_up", ["kv_cache"]), ("generate", None), ("sleep", 1)],
+        [("wake_up", ["weights", "kv_cache"]), ("generate", None), ("sleep", 1)]]
+    # Level 2 drops the weights: every rollout refits first, an update before it or not.
+    level2 = _rollouts(monkeypatch, VllmEngineConfig(model="m", enable_sleep_mode=True, sleep_level=2),
+                       [False, False])
+    assert level2[1] == [("wake_up", ["weights"]), ("refit", None), ("wake_up", ["kv_cache"]),
+                         ("generate", None), ("sleep", 2)]
+    # ... on every rank of the model-parallel group, which all take part in the refit's gathering.
+    other_rank = _rollouts(monkeypatch, VllmEngineConfig(model="m", enable_sleep_mode=True, sleep_level=2),
+                           [False, False], engine_rank=False)
+    assert other_rank == [[("refit", None)], [("refit", None)]]
 
 
 def test_a_missing_environment_says_how_to_build_it(tmp_path):

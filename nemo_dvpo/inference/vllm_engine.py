@@ -30,7 +30,8 @@ Refit (:meth:`VllmEngine.refit`): HF-named tensors are packed into buckets and l
 shared-memory segment (``/dev/shm``) that both processes map: one copy in (with the cast to the engine's
 dtype), one copy out inside ``load_weights``, no file. The prefix cache is reset after every refit. The GPU
 paths - CUDA IPC handles of a packed CUDA bucket when colocated, an NCCL broadcast when the engine has GPUs of
-its own, and ``sleep``/``wake_up`` of vLLM's memory - follow NeMo-RL's and veRL's refit and are UNTESTED until
+its own, and ``sleep``/``wake_up`` of vLLM's memory (a colocated engine sleeps between rollouts: wake the weights,
+refit, wake the KV cache, generate, sleep) - follow NeMo-RL's and veRL's refit and are UNTESTED on a device until
 a GPU is lent (marked so below).
 """
 
@@ -106,7 +107,12 @@ class VllmEngineConfig:
     gpu_memory_utilization: float = 0.5
     # Reuse the KV cache of shared prompt prefixes (a prompt's samples share their prompt).
     enable_prefix_caching: bool = True
-    enable_sleep_mode: bool = False  # GPU only: sleep() frees the KV cache while the policy trains
+    # GPU only, for an engine this run starts beside its trainer: after each rollout the engine sleeps - frees its
+    # KV cache and its weights' GPU memory - while the policy trains, and wakes for the next refit and rollout.
+    enable_sleep_mode: bool = False
+    # 1: the weights are offloaded to host memory while asleep; 2: they are dropped (no host copy) and the next
+    # rollout refits every weight first, even when no update changed the policy.
+    sleep_level: int = 1
     # How refitted weights travel: "shared_memory" (CPU), "cuda_ipc" (a GPU shared with the trainer), "nccl"
     # (an engine on its own GPUs).
     refit_transport: RefitTransport = "shared_memory"
@@ -141,6 +147,11 @@ class VllmEngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"rollout.vllm.gpu_memory_utilization must be in (0, 1], "
                               f"got {self.gpu_memory_utilization!r}")
+        if self.sleep_level not in (1, 2):
+            raise ConfigError(f"rollout.vllm.sleep_level must be 1 or 2, got {self.sleep_level!r}")
+        if self.enable_sleep_mode and self.address is not None:
+            raise ConfigError("rollout.vllm.enable_sleep_mode is for an engine started by the run beside its trainer; "
+                              "the engine at rollout.vllm.address has devices of its own (unset one of the two)")
         if self.refit_transport not in ("shared_memory", "cuda_ipc", "nccl"):
             raise ConfigError(f"rollout.vllm.refit_transport must be shared_memory, cuda_ipc or nccl, "
                               f"got {self.refit_transport!r}")
@@ -239,6 +250,7 @@ class VllmEngine:
         self.info: dict = {}
         self._segment: Optional[shared_memory.SharedMemory] = None
         self._log = None
+        self._asleep: set[str] = set()  # what sleep() released and no wake_up() has brought back yet
 
     # ---- lifetime ----
 
@@ -252,6 +264,9 @@ class VllmEngine:
             return self
         if self.config.address is not None:
             return self._connect(self.config.address)
+        if self.config.enable_sleep_mode and not torch.cuda.is_available():
+            raise ConfigError("rollout.vllm.enable_sleep_mode=true needs a GPU: vLLM's sleep mode frees device memory "
+                              "(set it to false on CPU)")
         python = self.config.python or default_vllm_python()
         if not Path(python).exists():
             raise NemoDvpoError(f"the vLLM environment's python {python} does not exist: {BUILD_HINT}")
@@ -589,21 +604,28 @@ class VllmEngine:
             stats.buckets += 1
         return stats
 
-    # ---- GPU memory (UNTESTED until a GPU is lent; vLLM's sleep mode is GPU-only) ----
+    # ---- GPU memory (UNTESTED on a device until a GPU is lent; vLLM's sleep mode is GPU-only) ----
 
-    def sleep(self, level: int = 1) -> None:
-        """Free the engine's KV cache (level 1 also offloads its weights to host memory; level 2 drops them,
-        for an engine that is refitted before its next use) while a colocated policy trains."""
+    def sleep(self, level: Optional[int] = None) -> None:
+        """Free the engine's KV cache and its weights' device memory while a colocated policy trains: level 1
+        offloads the weights to host memory, level 2 drops them (the engine must be refitted before it generates
+        again). Default: ``rollout.vllm.sleep_level``."""
         if not self.config.enable_sleep_mode:
             raise NemoDvpoError("sleep() needs rollout.vllm.enable_sleep_mode=true (GPU only)")
-        self._request("sleep", level=level)
+        self._request("sleep", level=level or self.config.sleep_level)
+        self._asleep = {"weights", "kv_cache"}
 
-    def wake_up(self, tags: Optional[list[str]] = None) -> None:
-        """Reallocate what sleep() freed: ``["weights"]`` before a refit, then ``["kv_cache"]`` (NeMo-RL's
-        order, so the refit's buffers and the KV cache are never allocated together); None: everything."""
-        if not self.config.enable_sleep_mode:
-            raise NemoDvpoError("wake_up() needs rollout.vllm.enable_sleep_mode=true (GPU only)")
-        self._request("wake_up", tags=tags)
+    def wake_up(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """Bring back what :meth:`sleep` released and is still released, of ``tags``: ``["weights"]`` before a
+        refit, then ``["kv_cache"]`` before generating (NeMo-RL's order: the refit's buffers and the KV cache are
+        never allocated together). Does nothing for parts already awake."""
+        unknown = set(tags) - {"weights", "kv_cache"}
+        if unknown:
+            raise NemoDvpoError(f"wake_up: unknown tags {sorted(unknown)} (weights, kv_cache)")
+        asleep = [tag for tag in ("weights", "kv_cache") if tag in tags and tag in self._asleep]
+        if asleep:
+            self._request("wake_up", tags=asleep)
+            self._asleep -= set(asleep)
 
 
 def refit_from_policy(engine: Optional[VllmEngine], policy: list[torch.nn.Module], hf_config) -> Optional[RefitStats]:

@@ -152,13 +152,22 @@ class PolicyModels:
             return sample_rollout(self.model, tokenizer, prompt_ids, sampling, old_logprobs=rollout.old_logprobs,
                                   vocab_size=self.vocab_size, micro_batch_size=rollout.forward_micro_batch_size)
         metrics = {}
+        engine, vllm = self.engine, rollout.vllm
         if self.engine_is_stale:
             started = time.perf_counter()
-            refit_from_policy(self.engine, self.model, self.hf_config)  # collective over the model-parallel group
+            if engine is not None:
+                engine.wake_up(["weights"])  # a no-op unless the engine sleeps between rollouts (sleep mode)
+            refit_from_policy(engine, self.model, self.hf_config)  # collective over the model-parallel group
             metrics["time/refit_s"] = time.perf_counter() - started
             self.engine_is_stale = False
-        generation = self.engine.generate_output(tokenizer, prompt_ids, sampling) if self.engine is not None \
-            else None
+        generation = None
+        if engine is not None:
+            engine.wake_up()
+            generation = engine.generate_output(tokenizer, prompt_ids, sampling)
+            if vllm.enable_sleep_mode:
+                engine.sleep()
+        if vllm.enable_sleep_mode and vllm.sleep_level == 2:
+            self.engine_is_stale = True  # its weights were dropped: refitted before the next rollout (every rank)
         generation = _from_first_of_model_parallel_group(generation)
         logprobs, entropy = token_logprobs(self.model, generation.tokens, generation.response_mask,
                                            vocab_size=self.vocab_size, temperature=sampling.temperature,
