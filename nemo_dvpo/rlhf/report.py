@@ -90,7 +90,7 @@ def what_the_change_shows(change: dict, steps: Optional[int]) -> str:
     ran = f"a run of {steps} steps" if steps else "this run"
     if half_width != half_width or abs(mean) <= half_width:  # NaN (one prompt) or an interval spanning 0
         return (f"no measurable change: {prompts} held-out prompts only detect changes beyond +-{half_width:.3f}; "
-                f"{ran} shows the pipeline working (GVM, rollouts, KL, export), not whether the policy improved. "
+                f"{ran} shows the pipeline working (rollouts, scoring, KL, updates), not whether the policy improved. "
                 "A measured gain takes hundreds of held-out prompts and tens of steps (docs/results.md)")
     direction = "raised" if mean > 0 else "lowered"
     return (f"{ran} {direction} the held-out verifiable score by {abs(mean):.3f} (95% interval excludes 0, "
