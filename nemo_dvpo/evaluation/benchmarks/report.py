@@ -2,7 +2,7 @@
 
 Each evaluation folder's ``scores.json`` (or a shipped evaluation's ``provenance.json``: ``shipped``) gives one
 column; charts show each score with its 95% interval
-(``scores.png``) and MT-Bench's per-category means (``mt_bench_categories.png``). IFEval answers are
+(``scores.png``) and MT-Bench's per-category means (``mt_bench_categories.png``, where any turn was rated). IFEval answers are
 also compared prompt by prompt: each later folder against the first (the starting model, say), with a
 paired 95% interval, which is far tighter than the difference of the two scores' own intervals.
 """
@@ -92,7 +92,8 @@ def _cell(value, low, high) -> str:
 
 
 def write_report(folders: list[Path], output_dir: Path) -> Path:
-    """Write ``report.md``, ``scores.png`` and ``mt_bench_categories.png`` into ``output_dir``."""
+    """Write ``report.md`` and ``scores.png`` into ``output_dir``, and ``mt_bench_categories.png`` where any
+    evaluation has rated MT-Bench turns."""
     evaluations = [(folder, load_scores(folder)) for folder in folders]
     names = [scores.get("model") or folder.name for folder, scores in evaluations]
     if len(set(names)) < len(names):
@@ -126,9 +127,14 @@ def write_report(folders: list[Path], output_dir: Path) -> Path:
             values = [(scores.get("mt_bench") or {}).get("categories", {}).get(category) for _, scores in evaluations]
             lines.append(f"| {category} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
     lines += ifeval_paired_lines([folder for folder, _ in evaluations], names)
-    lines += ["", "Charts: `scores.png` (every score with its interval), `mt_bench_categories.png`.", ""]
+    categories_chart = output_dir / "mt_bench_categories.png"
+    lines += ["", "Charts: `scores.png` (every score with its interval)"
+              + (", `mt_bench_categories.png`." if categories else "."), ""]
     write_bytes_atomic(output_dir / "scores.png", _scores_chart(names, metrics, table))
-    write_bytes_atomic(output_dir / "mt_bench_categories.png", _categories_chart(names, categories, evaluations))
+    if categories:
+        write_bytes_atomic(categories_chart, _categories_chart(names, categories, evaluations))
+    else:  # an empty chart says nothing; one left by an earlier report in this folder would say something false
+        categories_chart.unlink(missing_ok=True)
     report = output_dir / "report.md"
     write_bytes_atomic(report, "\n".join(lines).encode("utf-8"))
     return report
@@ -218,8 +224,7 @@ def _categories_chart(names: list[str], categories: list[str], evaluations: list
     axis.set_xticks([c + 0.4 - width / 2 for c in range(len(categories))], categories, fontsize=8)
     axis.set_ylim(0, 10)
     axis.set_ylabel("MT-Bench score (1-10)")
-    axis.set_title("MT-Bench by category" if categories else "MT-Bench by category (no rated turns)")
-    if names and categories:
-        axis.legend(fontsize=7)
+    axis.set_title("MT-Bench by category")
+    axis.legend(fontsize=7)
     figure.tight_layout()
     return png_bytes(figure)
