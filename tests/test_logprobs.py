@@ -53,6 +53,36 @@ def test_entropy_value_and_gradient_match_autograd_reference(megatron_single_ran
     torch.testing.assert_close(ours_input.grad, reference_input.grad)
 
 
+def test_entropy_without_gradient_is_the_same_a_few_rows_at_a_time(megatron_single_rank, monkeypatch):
+    """No gradient wanted: row chunks of at most _NO_GRAD_CHUNK_BYTES of fp32 logits - here 2 rows of 11, so each
+    sequence's 5 positions split 2 + 2 + 1 - with the values of the whole-tensor computation."""
+    from nemo_dvpo.models import logprobs
+
+    logits = torch.randn(3, 6, 11, generator=torch.Generator().manual_seed(1)) * 3
+    probs = torch.softmax(logits[:, :-1, :9] / 0.7, dim=-1)
+    reference = -(probs * probs.log()).sum(-1)
+    whole = logprobs._entropies(logits[:, :-1], 9, 0.7)
+    compute, chunks = logprobs._entropies, []
+    monkeypatch.setattr(logprobs, "_NO_GRAD_CHUNK_BYTES", 2 * 4 * 11)
+
+    def counted(chunk, *args):
+        chunks.append(tuple(chunk.shape[:-1]))
+        return compute(chunk, *args)
+
+    monkeypatch.setattr(logprobs, "_entropies", counted)
+    chunked = token_entropies(logits, vocab_size=9, temperature=0.7)  # a strided view of the logits, no copy
+    assert chunks == [(2,), (2,), (1,)] * 3
+    torch.testing.assert_close(chunked[:, 1:], reference)
+    torch.testing.assert_close(chunked[:, 1:], whole)  # row by row: the same sums, within fp32 rounding
+    # With a gradient (the entropy bonus of the loss) the whole tensor at once, as autograd needs it.
+    del chunks[:]
+    token_entropies(logits.clone().requires_grad_(), vocab_size=9, temperature=0.7)
+    assert chunks == [(3, 5)]
+    with torch.no_grad():
+        token_entropies(logits.clone().requires_grad_(), vocab_size=9, temperature=0.7)
+    assert chunks == [(3, 5)] + [(2,), (2,), (1,)] * 3
+
+
 def test_target_logprobs_leave_the_logits_alone_unless_allowed_to_overwrite(megatron_single_rank, logits_and_tokens):
     logits, tokens = logits_and_tokens
     expected = token_logprobs(logits, tokens)[:, 1:]

@@ -69,12 +69,27 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: Opt
     return -vocab_parallel_cross_entropy(prepared, targets.contiguous())
 
 
+# Without a gradient the entropy is computed a few rows at a time, so that its three vocabulary-wide temporaries
+# (centred logits, their exp, the product) take about this much each instead of three times the logits: 2.4 GB for
+# a rollout of 8 responses of 512 tokens at SmolLM2's 49,152 ids.
+_NO_GRAD_CHUNK_BYTES = 64 * 2**20
+
+
 def predictive_entropies(logits: torch.Tensor, vocab_size: Optional[int] = None,
                          temperature: float = 1.0) -> torch.Tensor:
     """Entropy of each next-token distribution, (batch, n) from logits (batch, n, vocab/TP); differentiable.
 
-    ``H = log Z - sum_v p_v z_v`` with ``Z = sum_v exp(z_v)``, the sums reduced over the TP group.
+    ``H = log Z - sum_v p_v z_v`` with ``Z = sum_v exp(z_v)``, the sums reduced over the TP group. When no
+    gradient is wanted, row chunks of about ``_NO_GRAD_CHUNK_BYTES`` (the same on every TP rank: the shapes are).
     """
+    if (torch.is_grad_enabled() and logits.requires_grad) or logits.numel() == 0:
+        return _entropies(logits, vocab_size, temperature)
+    rows_per_chunk = max(1, _NO_GRAD_CHUNK_BYTES // (4 * logits.shape[-1]))
+    return torch.stack([torch.cat([_entropies(chunk, vocab_size, temperature)
+                                   for chunk in row.split(rows_per_chunk)]) for row in logits])
+
+
+def _entropies(logits: torch.Tensor, vocab_size: Optional[int], temperature: float) -> torch.Tensor:
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
