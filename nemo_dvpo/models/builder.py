@@ -25,6 +25,34 @@ _CPU_UNSUPPORTED_FUSIONS = (
 )
 
 
+def unsupported_fusions(te_spec: bool) -> tuple[str, ...]:
+    """The fusions this machine cannot run, which megatron-bridge's Llama/Mistral providers may switch on.
+
+    Without CUDA: all of ``_CPU_UNSUPPORTED_FUSIONS``. With CUDA, those whose kernel comes from a package that is
+    missing - megatron refuses them when the model is built rather than falling back: the RoPE fusion needs
+    Transformer Engine's kernel (``TransformerConfig`` raises "apply_rope_fusion is not available"); the
+    gradient-accumulation fusion needs TE's linear layers (the TE spec) or apex's ``fused_weight_gradient_mlp_cuda``
+    (megatron's own linear layers raise); the persistent layer norm needs TE's norm or apex's (the local spec's
+    torch norm asserts it is off). A GPU machine without TE and apex (CUDA torch from PyPI) runs the local spec.
+    """
+    if not torch.cuda.is_available():
+        return _CPU_UNSUPPORTED_FUSIONS
+    from megatron.core.fusions.fused_layer_norm import HAVE_FUSED_LAYER_NORM
+    from megatron.core.models.common.embeddings import rope_utils
+
+    cpu_compat.import_megatron_bridge()
+    from megatron.bridge.utils.fusions import can_enable_gradient_accumulation_fusion
+
+    unsupported = []
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        unsupported.append("apply_rope_fusion")
+    if not te_spec and not can_enable_gradient_accumulation_fusion():
+        unsupported.append("gradient_accumulation_fusion")
+    if not te_spec and not HAVE_FUSED_LAYER_NORM:
+        unsupported.append("persist_layer_norm")
+    return tuple(unsupported)
+
+
 def _bridge_classes():
     cpu_compat.import_megatron_bridge()
     from megatron.bridge import AutoBridge
@@ -124,11 +152,12 @@ def make_provider(hf_config, model_cfg: ModelConfig, tensor_parallel: int = 1, p
         provider.recompute_granularity, provider.recompute_method, provider.recompute_num_layers = \
             "full", "uniform", 1
     if not torch.cuda.is_available():
-        for name in _CPU_UNSUPPORTED_FUSIONS:
-            setattr(provider, name, False)
         provider.use_cpu_initialization = True
     for name, value in overrides.items():
         setattr(provider, name, value)
+    # After the overrides: they may choose the layer spec, on which the fusions' availability depends.
+    for name in unsupported_fusions(te_spec=provider.transformer_layer_spec is not local_layer_spec):
+        setattr(provider, name, False)
     provider.finalize()
     return provider
 
