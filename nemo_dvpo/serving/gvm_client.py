@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from nemo_dvpo.rlhf.scorers import ScorerInfo, ScorerUnavailable
-from nemo_dvpo.serving.gvm_server import MODEL_NAME, info_from_metadata
+from nemo_dvpo.serving.gvm_protocol import MODEL_NAME, info_from_metadata
 from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
 
 

@@ -36,7 +36,6 @@ policy server.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -47,13 +46,13 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from nemo_dvpo.serving import http
+from nemo_dvpo.serving.gvm_protocol import MODEL_NAME, model_metadata
 from nemo_dvpo.serving.http import (BatchingService, ModelParallelRunner, Pending, authorize, check_server_settings,
                                     json_api, model_parallel_group, read_body, serve_until_stopped, server_token)
 from nemo_dvpo.serving.kserve import HEADER_LENGTH, RequestError, infer_response, parse_infer_request
 from nemo_dvpo.utils.distributed import ParallelConfig
 from nemo_dvpo.utils.errors import ConfigError
 
-MODEL_NAME = "gvm"
 
 
 @dataclass
@@ -317,42 +316,6 @@ class HTTPFront(http.HTTPFront):
         super().__init__(make_app(service, model_metadata, token), host, port, name="gvm-http")
 
 
-def model_metadata(info, max_length: int, config: ServerConfig) -> dict:
-    """``GET /v2/models/gvm``: the KServe model metadata, with what a client checks in ``parameters``."""
-    stats = info.value_stats or {}
-    return {
-        "name": MODEL_NAME, "versions": ["1"], "platform": "nemo_dvpo_megatron",
-        "inputs": [{"name": "tokens", "datatype": "INT64", "shape": [-1, -1]},
-                   {"name": "lengths", "datatype": "INT64", "shape": [-1]}],
-        "outputs": [{"name": "values", "datatype": "FP32", "shape": [-1, -1]}],
-        "parameters": {
-            "kind": info.kind, "checkpoint_id": info.checkpoint, "vocab_size": info.vocab_size,
-            "tokenizer_fingerprint": info.tokenizer_fingerprint, "chat_template": info.chat_template,
-            "chat_template_fingerprint": info.chat_template_fingerprint or "",
-            "value_mean": stats.get("mean", float("nan")), "value_std": stats.get("std", float("nan")),
-            "value_stats": json.dumps(info.value_stats), "eval_accuracy": json.dumps(info.eval_accuracy),
-            "max_sequence_length": max_length, "rows": config.rows, "bucket": config.bucket,
-        },
-    }
-
-
-def info_from_metadata(metadata: dict, url: str):
-    """The :class:`ScorerInfo` a server publishes (the client side of :func:`model_metadata`)."""
-    from nemo_dvpo.rlhf.scorers import ScorerInfo
-
-    parameters = metadata.get("parameters") or {}
-    try:
-        return ScorerInfo(kind=parameters["kind"], checkpoint=f"{url} ({parameters['checkpoint_id']})",
-                          vocab_size=int(parameters["vocab_size"]),
-                          tokenizer_fingerprint=parameters["tokenizer_fingerprint"],
-                          chat_template=bool(parameters["chat_template"]),
-                          chat_template_fingerprint=parameters["chat_template_fingerprint"] or None,
-                          value_stats=json.loads(parameters["value_stats"]),
-                          eval_accuracy=json.loads(parameters["eval_accuracy"]))
-    except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"{url} is not a nemo_dvpo GVM server (its model metadata lacks {error})") from None
-
-
 # -- the model ----------------------------------------------------------------------------------------------
 
 
@@ -384,7 +347,7 @@ def serve(cfg: ServeGVMConfig, stop) -> None:
         port = cfg.server.port + parallel_state.get_data_parallel_rank() if cfg.server.port else 0
         service = ValueService(lambda tokens, lengths: runner(tokens, lengths), info.vocab_size, max_length,
                                cfg.server)
-        front = HTTPFront(service, lambda: model_metadata(info, max_length, cfg.server), cfg.server.host, port,
+        front = HTTPFront(service, lambda: model_metadata(info, max_length, cfg.server.rows, cfg.server.bucket), cfg.server.host, port,
                           token)
         front.start()  # live at once, ready once the model is loaded
         print(f"[serve_gvm] listening on http://{cfg.server.host}:{front.port} (model loading)", flush=True)
