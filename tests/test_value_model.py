@@ -34,3 +34,18 @@ def test_value_head_at_tp2_equals_tp1_and_the_hf_reference(tmp_path, smollm2_hf_
     torch.testing.assert_close(tp2["head_gradient"], tp1["head_gradient"], rtol=0,
                                atol=reduction_atol(tp1["head_gradient"], terms))
     assert abs(tp2["embedding_gradient_norm"] - tp1["embedding_gradient_norm"]) < 1e-5 * tp1["embedding_gradient_norm"]
+
+
+def test_the_value_head_is_made_on_the_trunks_device(megatron_single_rank):
+    """A model built on the GPU is not moved again unless DDP wraps it, and a frozen GVM is not wrapped: a head
+    created on the CPU beside a CUDA trunk failed DVPO's first scoring pass on the first device (2026-12-04).
+    The meta device stands in for CUDA here."""
+    from nemo_dvpo.models.builder import build_gpt_model, unwrap_model
+    from nemo_dvpo.models.config import load_model_config
+    from nemo_dvpo.models.value_model import attach_value_head, value_head
+
+    model = build_gpt_model(load_model_config("tiny"), seq_length=32)
+    model[0].to("meta")
+    head = value_head(attach_value_head(model))
+    assert head.weight.device.type == "meta" and head.bias.device.type == "meta"
+    assert unwrap_model(model[0]).output_layer is head

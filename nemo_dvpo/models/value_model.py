@@ -38,12 +38,13 @@ class ValueHead(torch.nn.Module):
     # With LoRA the trunk is frozen but the head, new and tiny, trains fully (nemo_dvpo.models.lora).
     lora_trains_fully = True
 
-    def __init__(self, hidden_size: int, tp_group=None, dtype: torch.dtype = torch.float32):
+    def __init__(self, hidden_size: int, tp_group=None, dtype: torch.dtype = torch.float32,
+                 device: Optional[torch.device] = None):
         super().__init__()
         # The model's tensor-parallel group (checkpoint replica ids); None means the global one.
         self.tp_group = tp_group
-        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype, device=device))
 
     def forward(self, hidden_states: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):
@@ -83,7 +84,10 @@ def attach_value_head(model: list[torch.nn.Module], dtype: torch.dtype = torch.f
         # between the first and last stage, and the last stage no longer holds an embedding copy.
         gpt.share_embeddings_and_output_weights = False
         if gpt.post_process:
-            gpt.output_layer = ValueHead(gpt.config.hidden_size, tp_group=gpt.pg_collection.tp, dtype=dtype)
+            # On the trunk's device: a model built on the GPU is not moved again unless DDP wraps it (a frozen GVM
+            # is not), and a head left on the CPU fails its first forward there.
+            gpt.output_layer = ValueHead(gpt.config.hidden_size, tp_group=gpt.pg_collection.tp, dtype=dtype,
+                                         device=next(gpt.parameters()).device)
     return model
 
 
