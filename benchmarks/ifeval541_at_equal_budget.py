@@ -4,7 +4,9 @@ The whole plan of docs/benchmarks.md, "IFEval-541 at equal budget: the plan, fix
 resumable command: the stage-1 models (a GVM and a reward model on the same 801 pairs), the four policies of
 ``benchmarks/quality_at_equal_budget.py``, the starting model's and each policy's IFEval answers (shipped under
 ``docs/evals/ifeval541/<name>``), the paired reports (``docs/evals/ifeval541/report_vs_*``), then a GVM on all
-2,134 training pairs.
+2,134 training pairs. DVPO from that GVM, under the same budget, and its answers run only when named
+(``ifeval_dvpo_all_pairs``): the plan runs them if that GVM's held-out accuracy beats the 801-pair GVM's (the rule
+is in docs/benchmarks.md).
 
     python benchmarks/ifeval541_at_equal_budget.py --jobs 2                 # everything, two steps at a time
     python benchmarks/ifeval541_at_equal_budget.py --jobs 2 ifeval_dpo      # one policy's answers, and what they need
@@ -21,6 +23,7 @@ Each step's output goes to ``runs/ifeval541/logs/<step>.log``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -36,9 +39,11 @@ IFEVAL = ["--benchmarks", "ifeval", "--batch-size", "64", "--max-new-tokens", "5
 POLICIES = ("dvpo", "dpo", "ppo", "grpo")
 PAIRS = "runs/gvm_pair.train.jsonl"
 GVM, REWARD_MODEL = "runs/gvm_pair/heldout_accuracy.json", "runs/rm_pair/final/nemo_dvpo_checkpoint.json"
-BUDGET = ["--gvm", "runs/gvm_pair/final", "--reward-model", "runs/rm_pair/final", "--steps", "12", "--prompts", "16",
-          "--epochs", "1", "--mini-batch", "2", "--micro-batch", "2", "--group-size", "4", "--response-tokens", "64",
-          "--eval-prompts", "192", "--eval-tokens", "128", "--pairs", PAIRS, "--run-dir", "runs/quality_equal_budget"]
+SAME_BUDGET = ["--reward-model", "runs/rm_pair/final", "--steps", "12", "--prompts", "16", "--epochs", "1",
+               "--mini-batch", "2", "--micro-batch", "2", "--group-size", "4", "--response-tokens", "64",
+               "--eval-prompts", "192", "--eval-tokens", "128", "--pairs", PAIRS]
+BUDGET = ["--gvm", "runs/gvm_pair/final", *SAME_BUDGET, "--run-dir", "runs/quality_equal_budget"]
+ALL_PAIRS_GVM = "runs/gvm_pair_all/heldout_accuracy.json"
 # What each policy's training needs: DPO learns from the pairs themselves.
 POLICY_NEEDS = {"dvpo": (GVM,), "dpo": (PAIRS,), "ppo": (REWARD_MODEL,), "grpo": (REWARD_MODEL,)}
 SHIPPED = "docs/evals/ifeval541"
@@ -52,6 +57,7 @@ class Step:
     needs: tuple = ()    # files that must exist before it starts
     makes: tuple = ()    # other files it makes that later steps need
     after: tuple = ()    # steps that must have finished first if they run at all (order only, nothing needed)
+    optional: bool = False  # run only when named (or needed by a named step), never as part of "everything"
 
 
 def ifeval_step(name: str, model: str, needs: tuple = (), shown_as: str = "") -> Step:
@@ -95,8 +101,17 @@ def plan() -> list[Step]:
         Step("gvm_all_pairs", [PY, "benchmarks/gvm_smollm2.py", "--labels", "pair", "--train-prompts", "100000",
                                "--steps", "267", "--eval-every", "50", "--eval-pairs", "100", "--run-dir",
                                "runs/gvm_pair_all", "resume=true", "model.activation_recompute=full"],
-             "runs/gvm_pair_all/heldout_accuracy.json", after=tuple(f"ifeval_{name}" for name in POLICIES)),
+             ALL_PAIRS_GVM, after=tuple(f"ifeval_{name}" for name in POLICIES)),
+        # DVPO from the all-pairs GVM, the same budget, settings and learning rate as policy_dvpo.
+        Step("policy_dvpo_all_pairs", [PY, "benchmarks/quality_at_equal_budget.py", "--gvm", "runs/gvm_pair_all/final",
+                                       *SAME_BUDGET, "--run-dir", "runs/quality_equal_budget_all_pairs",
+                                       "--algorithms", "dvpo", "optim.lr=3e-6"],
+             "runs/quality_equal_budget_all_pairs/dvpo/summary.json", needs=(ALL_PAIRS_GVM,), optional=True),
     ]
+    all_pairs_answers = ifeval_step("dvpo_all_pairs", "runs/quality_equal_budget_all_pairs/dvpo/final",
+                                    needs=("runs/quality_equal_budget_all_pairs/dvpo/summary.json",),
+                                    shown_as="DVPO, GVM on all pairs")
+    steps.append(dataclasses.replace(all_pairs_answers, optional=True))
     return steps
 
 
@@ -124,9 +139,9 @@ def steps_to_run(steps: list[Step], targets: list[str], exists: Callable[[str], 
 
 
 def final_steps(steps: list[Step]) -> list[str]:
-    """The steps whose outputs no other step needs: finishing them finishes the plan."""
-    needed = {need for step in steps for need in step.needs}
-    return [step.name for step in steps if not {step.done, *step.makes} & needed]
+    """The steps whose outputs no other step needs: finishing them finishes the plan (optional steps aside)."""
+    needed = {need for step in steps if not step.optional for need in step.needs}
+    return [step.name for step in steps if not step.optional and not {step.done, *step.makes} & needed]
 
 
 def main() -> None:

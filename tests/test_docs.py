@@ -313,7 +313,7 @@ def test_every_command_the_ifeval541_driver_runs_exists():
         sys.path.remove(str(REPO_ROOT / "benchmarks"))
         del sys.modules[spec.name]
     steps = module.plan()
-    assert len({step.name for step in steps}) == len(steps) == 15
+    assert len({step.name for step in steps}) == len(steps) == 17
     problems = [problem for step in steps for script, arguments in script_invocations(step.command[1:])
                 for problem in problems_of(script, arguments)]
     assert not problems, problems
@@ -330,6 +330,11 @@ def test_every_command_the_ifeval541_driver_runs_exists():
     everything = module.final_steps(steps)
     assert everything == ["report_against_the_start", "report_against_dvpo", "gvm_all_pairs"]
     assert to_run(everything, shipped) == everything and len(to_run(everything)) == 15
+    # DVPO from the all-pairs GVM only when named: after the GVM, never before the other policies' answers.
+    assert to_run(["ifeval_dvpo_all_pairs"], shipped) == ["gvm_all_pairs", "policy_dvpo_all_pairs",
+                                                          "ifeval_dvpo_all_pairs"]
+    assert to_run(["ifeval_dvpo_all_pairs"], {"runs/gvm_pair_all/heldout_accuracy.json"}) == [
+        "policy_dvpo_all_pairs", "ifeval_dvpo_all_pairs"]
     # Several targets: the first one's chain, then the next one's - not every stage-1 model first.
     made_by_dpo = {"runs/gvm_pair.train.jsonl", "docs/evals/ifeval541/dpo/provenance.json"}
     assert to_run(["ifeval_dvpo", "ifeval_ppo", "ifeval_grpo"], made_by_dpo) == [
