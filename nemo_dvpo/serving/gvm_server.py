@@ -54,7 +54,6 @@ from nemo_dvpo.utils.distributed import ParallelConfig
 from nemo_dvpo.utils.errors import ConfigError
 
 
-
 @dataclass
 class ServerConfig:
     # Interface to listen on. A host other than loopback needs a bearer token (the environment variable
