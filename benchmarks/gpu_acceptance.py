@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -173,12 +174,15 @@ class Acceptance:
         with open(log_path, "w") as log:
             log.write("$ " + " ".join(command) + "\n")
             log.flush()
-            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # A session of its own: a section past its time is killed with every process it started (compile or
+            # data workers), none of which may keep holding the device for the next section.
+            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True)
             poller = DeviceMemoryPoller(process.pid)
             try:
                 returncode = process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 returncode = None
             device_peak = poller.stop()

@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -73,10 +74,28 @@ def test_a_failing_section_is_recorded_and_the_next_one_still_runs(tmp_path, mon
 
 def test_a_process_past_its_time_is_killed_and_recorded(tmp_path):
     runner = _acceptance(tmp_path)
+    # The sleeper starts a worker of its own, which must die with it (a worker left behind would keep the device).
+    pid_file = tmp_path / "worker.pid"
+    sleeper = ("import subprocess, sys, time; worker = subprocess.Popen([sys.executable, '-c', 'import time; "
+               f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(worker.pid)); time.sleep(60)")
     with pytest.raises(acceptance.SectionFailed, match="timed out after 5 s"):
-        runner.run_process("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], timeout=5)
+        runner.run_process("sleeper", [sys.executable, "-c", sleeper], timeout=5)
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker), "the section's worker outlived it"
     with pytest.raises(acceptance.SectionFailed, match="exit code 3"):
         runner.run_process("failing", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], timeout=30)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped by its parent, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_nothing_starts_once_the_deadline_has_passed(tmp_path):
