@@ -99,8 +99,8 @@ class Plan:
                        logits_weights=logits_weights, tokenizer=tokenizer)
         # The same code paths at tiny shapes: the "tiny" preset (random weights, SmolLM2 tokenizer), bf16 where
         # the device plan uses it (CPU runs bf16), a handful of tokens.
-        return cls(dry_run=True, deadline_s=1500.0 if deadline_s is None else deadline_s, logits_seq=32, train_preset="tiny",
-                   logits_weights=logits_weights, tokenizer=tokenizer,
+        return cls(dry_run=True, deadline_s=1500.0 if deadline_s is None else deadline_s, logits_seq=32,
+                   train_preset="tiny", logits_weights=logits_weights, tokenizer=tokenizer,
                    train_model_overrides=("model.precision=bf16",), steps=3, gvm_global_batch=4, gvm_micro_batch=2,
                    prompts_per_step=2, max_new_tokens=8, max_prompt_tokens=48, mini_batch=2, micro_batch=2,
                    generation_batches=(2,), generation_prompt_tokens=16, fit_presets=("tiny",),
@@ -711,7 +711,8 @@ def child_generation(plan: Plan, work_dir: Path) -> dict:
         elapsed = time.perf_counter() - started
         new_tokens = int(output.response_lengths.sum())
         if new_tokens != batch * plan.max_new_tokens:
-            raise RuntimeError(f"generated {new_tokens} tokens, asked for {batch} x {plan.max_new_tokens} (no EOS stop)")
+            raise RuntimeError(f"generated {new_tokens} tokens, asked for {batch} x {plan.max_new_tokens} "
+                               "(no EOS stop)")
         runs.append({"batch": batch, "prompt_tokens": plan.generation_prompt_tokens, "new_tokens": plan.max_new_tokens,
                      "seconds": round(elapsed, 3), "tokens_per_s": new_tokens / elapsed})
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None

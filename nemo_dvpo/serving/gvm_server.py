@@ -36,6 +36,7 @@ policy server.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -346,8 +347,8 @@ def serve(cfg: ServeGVMConfig, stop) -> None:
         port = cfg.server.port + parallel_state.get_data_parallel_rank() if cfg.server.port else 0
         service = ValueService(lambda tokens, lengths: runner(tokens, lengths), info.vocab_size, max_length,
                                cfg.server)
-        front = HTTPFront(service, lambda: model_metadata(info, max_length, cfg.server.rows, cfg.server.bucket), cfg.server.host, port,
-                          token)
+        metadata = functools.partial(model_metadata, info, max_length, cfg.server.rows, cfg.server.bucket)
+        front = HTTPFront(service, metadata, cfg.server.host, port, token)
         front.start()  # live at once, ready once the model is loaded
         print(f"[serve_gvm] listening on http://{cfg.server.host}:{front.port} (model loading)", flush=True)
     gvm = LocalValueModel(cfg.gvm, cfg.precision, max_length, kinds=("gvm", "reward_model"), rows=cfg.server.rows,
