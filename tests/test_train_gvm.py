@@ -79,6 +79,11 @@ def test_eval_tool_reproduces_the_recipes_held_out_accuracy(uninterrupted, tmp_p
         wins = round(result["accuracy"][name] * 8)
         assert result["wilson_95"][name] == pytest.approx(list(wilson_interval(wins, 8))), name
         assert result["wilson_95"][name][0] <= result["accuracy"][name] <= result["wilson_95"][name][1]
+        # Every pair's scores are kept, and recount to the accuracy (chosen strictly higher).
+        scores = result["scores"][name]
+        assert len(scores["chosen"]) == len(scores["rejected"]) == 8
+        assert sum(c > r for c, r in zip(scores["chosen"], scores["rejected"])) == wins, name
+    assert result["pair_ids"] == sorted(result["pair_ids"]) and len(set(result["pair_ids"])) == 8
 
 
 def test_visualize_tool_writes_html_and_png(uninterrupted, tmp_path):

@@ -4,7 +4,9 @@
 
 A pair is correct when the chosen response scores strictly higher, where a response's score is
 the mean of its token values, its last token's value, or a percentile (P1 ... P99) of them. Each
-accuracy is printed with its Wilson 95% interval over the pairs.
+accuracy is printed with its Wilson 95% interval over the pairs. ``--output`` also keeps every pair's scores
+(``pair_ids`` and, per form, the chosen and rejected responses' scores), so the accuracies can be recounted and
+two GVMs compared pair by pair.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def main(argv=None) -> None:
     for sample in data.samples:
         if sample.pair_id is not None and sample.pair_id >= 0:
             pairs.setdefault(sample.pair_id, {})[bool(sample.is_chosen)] = sample
-    complete = [(p[True], p[False]) for _, p in sorted(pairs.items()) if True in p and False in p]
+    complete_ids = [pair_id for pair_id, p in sorted(pairs.items()) if True in p and False in p]
+    complete = [(pairs[pair_id][True], pairs[pair_id][False]) for pair_id in complete_ids]
     if not complete:
         raise NemoDvpoError(f"{args.data} holds no chosen/rejected pairs (pairwise schema needed)")
 
@@ -69,8 +72,10 @@ def main(argv=None) -> None:
         print_rank_zero(f"{name:>8}  {accuracy[name]:8.4f}  {f'[{low:.3f}, {high:.3f}]':>15}  "
                         f"{chosen[name].mean().item():+12.4f}  {rejected[name].mean().item():+13.4f}")
     if args.output and is_rank_zero():
+        scores = {name: {"chosen": chosen[name].tolist(), "rejected": rejected[name].tolist()} for name in SUMMARIES}
         Path(args.output).write_text(json.dumps({"gvm": args.gvm, "data": args.data, "pairs": len(complete),
-                                                 "accuracy": accuracy, "wilson_95": intervals}, indent=2))
+                                                 "accuracy": accuracy, "wilson_95": intervals,
+                                                 "pair_ids": complete_ids, "scores": scores}, indent=2))
     destroy_distributed()
 
 
