@@ -93,6 +93,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie - dead, not yet reaped by its parent - counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 class ServerProcess:
     """An entry point serving HTTP in a subprocess on a loopback port (a free one unless given).
 

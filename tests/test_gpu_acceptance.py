@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, load_script
+from tests.conftest import REPO_ROOT, load_script, process_alive
 
 acceptance = load_script("benchmarks/gpu_acceptance.py")
 
@@ -82,20 +82,11 @@ def test_a_process_past_its_time_is_killed_and_recorded(tmp_path):
         runner.run_process("sleeper", [sys.executable, "-c", sleeper], timeout=5)
     worker = int(pid_file.read_text())
     deadline = time.monotonic() + 10
-    while _alive(worker) and time.monotonic() < deadline:
+    while process_alive(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(worker), "the section's worker outlived it"
+    assert not process_alive(worker), "the section's worker outlived it"
     with pytest.raises(acceptance.SectionFailed, match="exit code 3"):
         runner.run_process("failing", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], timeout=30)
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, killed but not yet reaped by its parent, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_nothing_starts_once_the_deadline_has_passed(tmp_path):

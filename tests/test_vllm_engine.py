@@ -32,7 +32,7 @@ from nemo_dvpo.inference.vllm_engine import (
 )
 from nemo_dvpo.inference.vllm_weights import hf_weights_of
 from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
-from tests.conftest import REPO_ROOT, entry_point_env, free_port, load_script
+from tests.conftest import REPO_ROOT, entry_point_env, free_port, load_script, process_alive
 
 # The worker-side module, imported by its path as vLLM's worker imports it (a top-level module of that folder).
 views_of = load_script("nemo_dvpo/inference/vllm_worker_extension.py").views_of
@@ -528,9 +528,9 @@ def test_the_worker_dies_when_the_trainer_is_killed(smollm2_hf_folder, tmp_path)
         trainer.send_signal(signal.SIGKILL)
         trainer.wait()
         deadline = time.time() + 30
-        while time.time() < deadline and _alive(worker_pid):
+        while time.time() < deadline and process_alive(worker_pid):
             time.sleep(0.2)
-        assert not _alive(worker_pid), "the vLLM worker outlived its SIGKILLed trainer"
+        assert not process_alive(worker_pid), "the vLLM worker outlived its SIGKILLed trainer"
     finally:
         if trainer.poll() is None:
             trainer.kill()
@@ -572,15 +572,6 @@ def test_an_engine_launched_separately_is_reached_at_its_address(smollm2_hf_fold
     finally:
         if server.poll() is None:
             server.kill()
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie - dead, not yet reaped by init - counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_the_vllm_environment_is_separate():
