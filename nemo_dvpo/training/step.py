@@ -43,13 +43,14 @@ def reduce_metrics(per_micro_batch: list[dict[str, torch.Tensor]]) -> dict[str, 
     keys = keys_holder[0]
     if not keys:
         return {}
+    # The collective's device (NCCL needs CUDA tensors). Every metric is moved there one by one: a loss may log a
+    # host value (a Python float, a CPU tensor such as an explained variance) beside its device tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if per_micro_batch:
-        values = torch.stack([torch.stack([torch.as_tensor(m[key], dtype=torch.float32).reshape(())
+        values = torch.stack([torch.stack([torch.as_tensor(m[key]).to(device=device, dtype=torch.float32).reshape(())
                                            for key in keys]) for m in per_micro_batch]).mean(dim=0)
     else:
-        values = torch.zeros(len(keys))
-    if torch.cuda.is_available():
-        values = values.cuda()
+        values = torch.zeros(len(keys), device=device)
     if parallel_state.is_pipeline_last_stage():
         dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
         values /= parallel_state.get_data_parallel_world_size()
