@@ -155,6 +155,7 @@ class Acceptance:
         self.plan, self.out_dir, self.started = plan, out_dir, time.monotonic()
         self.work_dir = out_dir / "work"
         self.report: dict[str, Any] = {"meta": machine_facts(plan, command), "sections": {}}
+        self.finished: dict[str, Any] = {}
 
     # -- time ----------------------------------------------------------------------------------------------
     def remaining(self) -> float:
@@ -218,14 +219,17 @@ class Acceptance:
     def run(self, sections: list[str]) -> dict:
         for section in sections:
             started = time.monotonic()
+            # What a section of several runs has finished so far: kept when a later run of it fails (the H200's
+            # first training section lost its GVM and DVPO figures to PPO's crash).
+            self.finished = {}
             entry: dict[str, Any]
             try:
                 result = getattr(self, f"section_{section}")()
                 entry = {"status": "ok", **result}
             except SectionFailed as failure:
-                entry = {"status": "failed", "error": str(failure), "log_tail": failure.log_tail}
+                entry = {"status": "failed", **self.finished, "error": str(failure), "log_tail": failure.log_tail}
             except Exception as error:  # one broken section must not lose the others' results
-                entry = {"status": "failed", "error": f"{type(error).__name__}: {error}",
+                entry = {"status": "failed", **self.finished, "error": f"{type(error).__name__}: {error}",
                          "log_tail": traceback.format_exc()[-3000:]}
             entry["seconds"] = round(time.monotonic() - started, 1)
             self.report["sections"][section] = entry
@@ -270,9 +274,10 @@ class Acceptance:
 
     def section_training(self) -> dict:
         plan, runs = self.plan, self.work_dir / "training"
-        out: dict[str, Any] = {"settings": {
+        out = self.finished
+        out["settings"] = {
             "preset": plan.train_preset, "model_overrides": list(plan.model_overrides), "steps": plan.steps,
-            "rollout": self.rollout_overrides(), "gvm_global_batch": plan.gvm_global_batch}}
+            "rollout": self.rollout_overrides(), "gvm_global_batch": plan.gvm_global_batch}
         gvm_dir = runs / "gvm"
         out["gvm"] = self.entry_point("gvm", "train_gvm.py", self.value_model_overrides(plan.steps, gvm_dir),
                                       self.budget("training"))
@@ -309,7 +314,8 @@ class Acceptance:
         gvm = getattr(self, "gvm_checkpoint", None)
         if gvm is None or not gvm.is_dir():
             raise SectionFailed("needs the GVM that the training section trains, which is missing")
-        out: dict[str, Any] = {"tried": [], "largest_fitting": {}}
+        out = self.finished
+        out.update(tried=[], largest_fitting={})
         for mode, extra in (("full", []), ("lora", ["lora.enabled=true"])):
             if mode not in self.plan.fit_modes:
                 continue
@@ -481,14 +487,16 @@ def render_markdown(report: dict) -> str:
                   f"- local -> {ck['other_spec']}: {ck['local_to_other']['tensors']} tensors, equal: "
                   f"{ck['local_to_other']['equal']}; back to local: equal: {ck['other_to_local']['equal']}"]
     training = sections.get("training", {})
-    if "ratios" in training:
+    finished_stages = [stage for stage in ("gvm", "dvpo", "ppo") if stage in training]
+    if finished_stages:
         lines += ["", "## (c) training at the " + training["settings"]["preset"] + " shape", "",
                   "| stage | step s (median 2..) | peak allocated MiB | peak reserved MiB | nvidia-smi MiB |",
                   "|---|---|---|---|---|"]
-        for stage in ("gvm", "dvpo", "ppo"):
+        for stage in finished_stages:
             row = training[stage]
             lines.append(f"| {stage} | {row.get('step_s')} | {row.get('peak_allocated_mib')} | "
                          f"{row.get('peak_reserved_mib')} | {row.get('device_peak_mib_nvidia_smi')} |")
+    if "ratios" in training:
         r = training["ratios"]
         lines += ["", f"DVPO/PPO: time {r['time_dvpo_over_ppo']} (paper 0.57), peak allocated "
                       f"{r['peak_allocated_dvpo_over_ppo']}, peak reserved {r['peak_reserved_dvpo_over_ppo']} "

@@ -242,13 +242,35 @@ def test_fit_tries_only_the_modes_asked_for_largest_preset_first(tmp_path, monke
 
     def entry_point(name, script, overrides, timeout):
         started.append((name, "lora.enabled=true" in overrides))
-        run_dir = next(item.split("=", 1)[1] for item in overrides if item.startswith("run_dir="))
-        (tmp_path / run_dir).mkdir(parents=True)
-        (tmp_path / run_dir / "metrics.jsonl").write_text('{"step": 1, "time/step_s": 9.0}\n')
-        return {"wall_s": 1.0}
+        return _fake_run(tmp_path, overrides)
 
     monkeypatch.setattr(runner, "entry_point", entry_point)
     out = runner.section_fit()
     # No full fine-tune at all; the largest preset (8B) is tried first and, fitting, ends the search.
     assert started == [("fit_llama3_8b_lora", True)]
     assert out["largest_fitting"] == {"lora": "llama3_8b"}
+
+
+def _fake_run(tmp_path, overrides: list[str], step_s: float = 9.0) -> dict:
+    """What an entry point leaves behind: its run folder with a metrics line."""
+    run_dir = tmp_path / next(item.split("=", 1)[1] for item in overrides if item.startswith("run_dir="))
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "time/step_s": step_s}) + "\n")
+    return {"wall_s": 1.0}
+
+
+def test_a_failed_training_section_keeps_the_runs_it_finished(tmp_path, monkeypatch):
+    runner = _acceptance(tmp_path)
+
+    def entry_point(name, script, overrides, timeout):
+        if name == "ppo":
+            raise acceptance.SectionFailed("ppo: exit code 1", "RuntimeError: Expected all tensors on one device")
+        return _fake_run(tmp_path, overrides, step_s={"gvm": 5.0, "dvpo": 13.6}.get(name, 1.0))
+
+    monkeypatch.setattr(runner, "entry_point", entry_point)
+    training = runner.run(["training"])["sections"]["training"]
+    assert training["status"] == "failed" and training["error"] == "ppo: exit code 1"
+    assert training["gvm"]["step_s"] == 5.0 and training["dvpo"]["step_s"] == 13.6
+    assert "ppo" not in training and "ratios" not in training
+    report = (tmp_path / "gpu_acceptance.md").read_text()
+    assert "| dvpo | 13.6 |" in report and "DVPO/PPO" not in report
