@@ -41,6 +41,7 @@ from megatron.core.inference.text_generation_controllers.text_generation_control
 from megatron.core.utils import get_model_config
 
 from nemo_dvpo.models.builder import unwrap_model, without_data_parallel
+from nemo_dvpo.utils.distributed import compute_device
 from nemo_dvpo.utils.errors import ConfigError, NemoDvpoError
 
 
@@ -153,10 +154,6 @@ def sampling_log_probs(logits: torch.Tensor, token_ids: torch.Tensor, sampling: 
     return log_probs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 class _EngineTokenizer:
     """The slice of megatron's tokenizer interface the static loop touches: it pads with ``eod``
     and detokenizes each finished request. Prompts arrive already tokenized."""
@@ -189,7 +186,7 @@ class _SamplingController(TextGenerationController):
         self.on_step = on_step
         self.vocab_size = vocab_size
         self.sampling_rng.manual_seed(sampling.seed)
-        device = _device()
+        device = compute_device()
         self.eos_token_ids = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
         self.response_tokens = torch.zeros(batch_size, sampling.max_new_tokens, dtype=torch.long, device=device)
         self.response_logprobs = torch.zeros(batch_size, sampling.max_new_tokens, device=device)

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from nemo_dvpo.utils.distributed import compute_device
+
 # forward_step(micro_batch, model_chunk) -> (output_tensor, loss_func); see megatron-core's schedules.
 ForwardStep = Callable
 
@@ -45,7 +47,7 @@ def reduce_metrics(per_micro_batch: list[dict[str, torch.Tensor]]) -> dict[str, 
         return {}
     # The collective's device (NCCL needs CUDA tensors). Every metric is moved there one by one: a loss may log a
     # host value (a Python float, a CPU tensor such as an explained variance) beside its device tensors.
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = compute_device()
     if per_micro_batch:
         values = torch.stack([torch.stack([torch.as_tensor(m[key]).to(device=device, dtype=torch.float32).reshape(())
                                            for key in keys]) for m in per_micro_batch]).mean(dim=0)
