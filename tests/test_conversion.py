@@ -27,10 +27,16 @@ def _hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _make_tiny_hf_folder(folder: Path, architecture: str, tokenizer_folder: str, **shape) -> Path:
+def _make_tiny_hf_folder(folder: Path, architecture: str, tokenizer_folder: str, dtype: torch.dtype = torch.float32,
+                         safe_serialization: bool = True, random_norms: bool = False, **shape) -> Path:
     model_cfg = dataclasses.replace(load_model_config("tiny"), architecture=architecture, **shape)
-    model = random_hf_model(model_cfg, seed=7)
-    model.save_pretrained(folder, safe_serialization=True)
+    model = random_hf_model(model_cfg, seed=7).to(dtype)
+    if random_norms:  # norms start at 1 in every framework: random ones show whether they were loaded at all
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.uniform_(0.5, 1.5)
+    model.save_pretrained(folder, safe_serialization=safe_serialization)
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(tokenizer_folder).save_pretrained(folder)
@@ -108,6 +114,54 @@ def test_checkpoint_resaved_from_a_parallel_run_exports_bit_exact(layout, tmp_pa
     assert 2 in saved_with.values()
     export_megatron_to_hf(tmp_path / "parallel", tmp_path / "exported")
     _assert_bit_exact(hf_folder, tmp_path / "exported")
+
+
+@pytest.mark.parametrize("nproc, layout, stored, precision, tied", [
+    (1, (), torch.float32, "fp32", False),
+    (2, ("--tp", "2"), torch.bfloat16, "bf16", True),
+    (2, ("--pp", "2"), torch.float32, "fp32", True),
+], ids=["1rank-fp32", "tp2-bf16-stored-tied", "pp2-tied"])
+def test_weights_streamed_from_safetensors_equal_the_instantiated_hf_models(nproc, layout, stored, precision, tied,
+                                                                           tmp_path, smollm2_hf_folder):
+    """The streamed load (no transformers model) fills every parameter on every rank exactly as copying from the
+    HF model loaded in fp32 did: bf16-stored weights, a bf16 Megatron model, tied embeddings split over stages."""
+    hf_folder = _make_tiny_hf_folder(tmp_path / "hf", "llama", smollm2_hf_folder, dtype=stored,
+                                     tie_word_embeddings=tied, random_norms=True)
+    result = run_torchrun("streamed_weights.py", nproc, "--folder", str(hf_folder), "--precision", precision,
+                          *layout, tmp_path=tmp_path)
+    expected_dtype = "torch.bfloat16" if precision == "bf16" else "torch.float32"
+    for rank in result["ranks"]:
+        assert rank["compared"] >= 10 and rank["differing"] == [], rank
+        assert rank["left_as_built"] == [], rank  # every parameter was loaded, none kept its initial value
+        assert rank["dtypes"] == [expected_dtype], rank
+
+
+def test_a_safetensors_folder_loads_without_a_transformers_model_and_bin_weights_with_one(
+        tmp_path, smollm2_hf_folder, megatron_single_rank, monkeypatch):
+    from nemo_dvpo.models import builder
+    from nemo_dvpo.models.sources import load_hf_config
+
+    instantiated = []
+
+    def load_hf_model(source, dtype=torch.float32):
+        instantiated.append(source)
+        return real_load_hf_model(source, dtype)
+
+    real_load_hf_model = builder.load_hf_model
+    monkeypatch.setattr(builder, "load_hf_model", load_hf_model)
+    loaded = {}
+    for name, safe in (("safetensors", True), ("bin", False)):
+        folder = _make_tiny_hf_folder(tmp_path / name, "llama", smollm2_hf_folder, safe_serialization=safe)
+        hf_config = load_hf_config(str(folder))
+        model_cfg = dataclasses.replace(load_model_config("tiny"), source=str(folder))
+        model = builder.build_gpt_model(model_cfg, hf_config=hf_config, load_weights=False)
+        builder.load_hf_weights_into(model, str(folder), hf_config)
+        loaded[name] = {key: value.clone() for key, value in model[0].state_dict().items()
+                        if isinstance(value, torch.Tensor)}
+    assert instantiated == [str(tmp_path / "bin")]  # the safetensors folder was read tensor by tensor
+    assert loaded["safetensors"].keys() == loaded["bin"].keys()
+    for key, value in loaded["safetensors"].items():
+        assert torch.equal(value, loaded["bin"][key]), key
 
 
 def _run_tool(*args: str) -> subprocess.CompletedProcess:

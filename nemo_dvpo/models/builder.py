@@ -8,13 +8,14 @@ through the same bridge, so the mapping used for loading, exporting and building
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
 from nemo_dvpo.models.attention import local_layer_spec
 from nemo_dvpo.models.config import ModelConfig
-from nemo_dvpo.models.sources import load_hf_config, load_hf_model
+from nemo_dvpo.models.sources import hf_folder_for, load_hf_config, load_hf_model
 from nemo_dvpo.utils import cpu_compat
 from nemo_dvpo.utils.errors import ConfigError
 
@@ -97,8 +98,9 @@ def resolve_hf_config(model_cfg: ModelConfig):
 
 
 def make_bridge(hf_config, hf_model: Optional[torch.nn.Module] = None, for_export: bool = False,
-                name: Optional[str] = None):
-    """An AutoBridge for ``hf_config``; with ``hf_model`` it also carries that model's weights.
+                name: Optional[str] = None, weights_folder: Optional[str] = None):
+    """An AutoBridge for ``hf_config``; with ``hf_model`` it also carries that model's weights, with
+    ``weights_folder`` (a folder of safetensors files) it reads them from there, one tensor at a time.
 
     ``for_export`` attaches a meta-device HF model: exporting needs the HF parameter names (the
     bridge orders its conversion tasks by them) but none of their memory. ``name`` is what the
@@ -112,6 +114,11 @@ def make_bridge(hf_config, hf_model: Optional[torch.nn.Module] = None, for_expor
             f"unsupported architecture {hf_config.architectures[0]!r}; "
             "nemo_dvpo supports Llama- and Mistral-family causal LMs"
         )
+    if weights_folder is not None:
+        # No model attached: the bridge's state accessor then reads the folder's safetensors lazily.
+        pretrained = PreTrainedCausalLM(model_name_or_path=weights_folder)
+        pretrained.config = hf_config
+        return AutoBridge(pretrained)
     if hf_model is None and not for_export:
         return AutoBridge.from_hf_config(hf_config)
     pretrained = PreTrainedCausalLM(model_name_or_path=name)
@@ -237,11 +244,22 @@ def wrap_for_training(model: list[torch.nn.Module], ddp_config=None,
 
 
 def load_hf_weights_into(model: list[torch.nn.Module], source: str, hf_config=None) -> None:
-    """Copy the weights of the HF/GGUF model at ``source`` into a Megatron model (any TP/PP)."""
+    """Copy the weights of the HF/GGUF model at ``source`` into a Megatron model (any TP/PP).
+
+    A folder with safetensors files (a GGUF source's cached folder is one) is read tensor by tensor through
+    megatron-bridge's ``SafeTensorsStateSource``, as ``AutoBridge.from_hf_pretrained`` does: no ``transformers``
+    model is instantiated, so a rank never holds a full fp32 copy of the model besides its own shard (32 GB for
+    Llama-3-8B on every rank). Each tensor is copied into the Megatron parameter as stored (bf16 or fp32), which
+    is exactly what loading the HF model in fp32 first gave: widening bf16 is exact, and a bf16 parameter
+    rounds fp32 the same way either way. Other sources (``.bin`` weights, hub ids) load the HF model first.
+    """
     hf_config = hf_config if hf_config is not None else load_hf_config(source)
+    resolved = hf_folder_for(source)
+    if resolved.kind == "hf_folder" and any(Path(resolved.location).glob("*.safetensors")):
+        make_bridge(hf_config, weights_folder=resolved.location).load_hf_weights(model)
+        return
     hf_model = load_hf_model(source, dtype=torch.float32)
-    bridge = make_bridge(hf_config, hf_model, name=source)
-    bridge.load_hf_weights(model)
+    make_bridge(hf_config, hf_model, name=source).load_hf_weights(model)
     del hf_model
 
 
