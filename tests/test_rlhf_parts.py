@@ -207,6 +207,7 @@ def test_the_entry_point_composes_defaults_and_overrides(tmp_path):
 
     from nemo_dvpo.recipes.dvpo import DVPORecipeConfig, parse_config
     from nemo_dvpo.utils.config import register_defaults
+    from nemo_dvpo.utils.errors import ConfigError
 
     register_defaults("dvpo_defaults", DVPORecipeConfig)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -214,9 +215,14 @@ def test_the_entry_point_composes_defaults_and_overrides(tmp_path):
         # A model field the preset does not mention is still a plain override (no "+"): its default is the
         # ModelConfig dataclass's, composed under the preset.
         tuned = parse_config(compose("dvpo", overrides=["model=tiny", "model.activation_recompute=full",
-                                                        "model.random_init=true"]))
+                                                        "model.random_init=true", "rollout.logprob_micro_batch_size=4"]))
+        with pytest.raises(ConfigError, match="rollout.logprob_micro_batch_size must be >= 1"):
+            parse_config(compose("dvpo", overrides=["rollout.logprob_micro_batch_size=0"]))
     assert cfg.data.max_prompt_tokens == 128          # nemo_dvpo/conf/dvpo.yaml's override
     assert cfg.rollout.forward_micro_batch_size == 8  # the dataclass default
+    # Log-prob passes take the update's micro-batch unless set.
+    assert cfg.rollout.logprob_micro_batch_size is None and cfg.logprob_micro_batch_size == cfg.ppo.micro_batch_size
+    assert tuned.logprob_micro_batch_size == 4 and tuned.ppo.micro_batch_size == 2
     assert cfg.ppo.clip == 0.3 and cfg.model.name == "tiny"
     assert cfg.model.activation_recompute == "none" and not cfg.model.random_init
     assert tuned.model.activation_recompute == "full" and tuned.model.random_init

@@ -40,8 +40,14 @@ class RolloutConfig:
     samples_per_prompt: int = 1
     # How responses are drawn (temperature, top-k / top-p, max_new_tokens, EOS).
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0))
-    # Sequences per forward pass when scoring a rollout (old/reference log-probs, values, rewards).
+    # Sequences per forward pass of a value model scoring a rollout (GVM values, reward-model scores, critic values).
+    # A GVM server's counterpart is its server.rows: equal settings give bit-identical values.
     forward_micro_batch_size: int = 8
+    # Sequences per log-prob pass over a rollout (reference, recomputed old log-probs). null: the update's
+    # micro-batch (ppo.micro_batch_size). Such a pass projects every response position onto the vocabulary, and
+    # the update's pass with gradients already holds that many rows' logits: a larger one makes the allocator grow
+    # the heap for blocks no other phase uses (docs/benchmarks.md, "Peak memory: the log-prob passes' micro-batch").
+    logprob_micro_batch_size: Optional[int] = None
     # PPO's old log-probs: "generation" takes those the sampler computed (free; exact when no top-k /
     # top-p filter reshapes the sampling distribution), "recompute" runs a policy forward pass.
     old_logprobs: Literal["generation", "recompute"] = "generation"
@@ -55,6 +61,9 @@ class RolloutConfig:
         if self.prompts_per_step < 1 or self.samples_per_prompt < 1 or self.forward_micro_batch_size < 1:
             raise ConfigError("rollout.prompts_per_step, rollout.samples_per_prompt and "
                               "rollout.forward_micro_batch_size must be >= 1")
+        if self.logprob_micro_batch_size is not None and self.logprob_micro_batch_size < 1:
+            raise ConfigError(f"rollout.logprob_micro_batch_size must be >= 1 or null (the update's micro-batch), "
+                              f"got {self.logprob_micro_batch_size}")
         if self.old_logprobs == "generation" and (self.sampling.top_k != 0 or self.sampling.top_p != 1.0):
             raise ConfigError("rollout.old_logprobs=generation needs rollout.sampling.top_k=0 and top_p=1: with a "
                               "filter the sampler's log-probs are not the policy's; set rollout.old_logprobs=recompute")
@@ -183,6 +192,11 @@ class PolicyRunConfig:
     def seq_length(self) -> int:
         """The longest sequence the models see: a prompt and the longer of a rollout's and an evaluation's answer."""
         return self.data.max_prompt_tokens + max(self.rollout.sampling.max_new_tokens, self.eval.max_new_tokens)
+
+    @property
+    def logprob_micro_batch_size(self) -> int:
+        """Sequences per log-prob pass over a rollout: ``rollout.logprob_micro_batch_size``, else the update's."""
+        return self.rollout.logprob_micro_batch_size or self.ppo.micro_batch_size
 
     @property
     def updates_per_step(self) -> int:

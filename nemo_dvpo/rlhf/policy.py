@@ -150,7 +150,7 @@ class PolicyModels:
         rollout = self.cfg.rollout
         if rollout.engine == "megatron":
             return sample_rollout(self.model, tokenizer, prompt_ids, sampling, old_logprobs=rollout.old_logprobs,
-                                  vocab_size=self.vocab_size, micro_batch_size=rollout.forward_micro_batch_size)
+                                  vocab_size=self.vocab_size, micro_batch_size=self.cfg.logprob_micro_batch_size)
         metrics = {}
         engine, vllm = self.engine, rollout.vllm
         if self.engine_is_stale:
@@ -171,7 +171,7 @@ class PolicyModels:
         generation = _from_first_of_model_parallel_group(generation)
         logprobs, entropy = token_logprobs(self.model, generation.tokens, generation.response_mask,
                                            vocab_size=self.vocab_size, temperature=sampling.temperature,
-                                           micro_batch_size=rollout.forward_micro_batch_size, with_entropy=True)
+                                           micro_batch_size=self.cfg.logprob_micro_batch_size, with_entropy=True)
         # How far the engine's log-probs of its own samples are from the policy's (NeMo-RL's token_mult_prob_error:
         # 1.0 is exact agreement; a stale or wrong refit shows here first). Comparable as such without top-k / top-p
         # filters: the engine reports the filtered distribution's log-probs, the policy the temperature-scaled one.
@@ -185,7 +185,7 @@ class PolicyModels:
                 reference_model(self.reference, self.model) as reference:
             logprobs, _ = token_logprobs(reference, sample.tokens, sample.response_mask,
                                          vocab_size=self.vocab_size, temperature=rollout.sampling.temperature,
-                                         micro_batch_size=rollout.forward_micro_batch_size)
+                                         micro_batch_size=self.cfg.logprob_micro_batch_size)
         return logprobs
 
     def update(self, step: int, trajectory: Trajectory, update: PolicyUpdateConfig,
