@@ -44,9 +44,9 @@ class RolloutConfig:
     # A GVM server's counterpart is its server.rows: equal settings give bit-identical values.
     forward_micro_batch_size: int = 8
     # Sequences per log-prob pass over a rollout (reference, recomputed old log-probs). null: the update's
-    # micro-batch (ppo.micro_batch_size). Such a pass projects every response position onto the vocabulary, and
-    # the update's pass with gradients already holds that many rows' logits: a larger one makes the allocator grow
-    # the heap for blocks no other phase uses (docs/benchmarks.md, "Peak memory: the log-prob passes' micro-batch").
+    # micro-batch (ppo.micro_batch_size). Such a pass projects every response position onto the vocabulary, and the
+    # update's pass with gradients already holds that many rows' logits: a larger one makes the allocator grow the
+    # heap for blocks no other phase uses (docs/benchmarks.md, "Peak memory: the log-prob passes' micro-batch").
     logprob_micro_batch_size: Optional[int] = None
     # PPO's old log-probs: "generation" takes those the sampler computed (free; exact when no top-k /
     # top-p filter reshapes the sampling distribution), "recompute" runs a policy forward pass.
