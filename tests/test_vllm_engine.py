@@ -171,8 +171,8 @@ def _rollouts(monkeypatch, config: VllmEngineConfig, updates: list[bool], engine
     monkeypatch.setattr(rlhf_policy, "_from_first_of_model_parallel_group",
                         lambda value: _one_token_generation() if value is None else value)
     policy = rlhf_policy.PolicyModels.__new__(rlhf_policy.PolicyModels)
-    policy.cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(engine="vllm", vllm=config,
-                                                                      forward_micro_batch_size=1))
+    policy.cfg = types.SimpleNamespace(rollout=types.SimpleNamespace(engine="vllm", vllm=config),
+                                       logprob_micro_batch_size=1)
     policy.model, policy.hf_config, policy.vocab_size = None, None, 8
     policy.engine = RecordingEngine(config, calls) if engine_rank else None
     policy.engine_is_stale = True
