@@ -1,8 +1,8 @@
 """LoRA (megatron-bridge's PEFT) on the tiny model: a fresh adapter and the adapters switched off compute exactly
-the base model; training moves only the adapters (and a value model's head); the merged HF export computes the
-adapted model's logits (TP=1 and TP=2); training checkpoints resume exactly and load merged into plain models; a
-killed LoRA DPO run resumes to the uninterrupted run's metrics and its final checkpoint differs from the starting
-policy only in the adapted layers."""
+the base model; the backward through the frozen output layer is one matrix product; training moves only the
+adapters (and a value model's head); the merged HF export computes the adapted model's logits (TP=1 and TP=2);
+training checkpoints resume exactly and load merged into plain models; a killed LoRA DPO run resumes to the
+uninterrupted run's metrics and its final checkpoint differs from the starting policy only in the adapted layers."""
 
 from __future__ import annotations
 
