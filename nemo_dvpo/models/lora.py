@@ -114,9 +114,10 @@ def _contiguous_logits_gradient(output_layer, args, output) -> None:
     gradient comes back as a transposed view, and megatron-core computes the input's gradient as
     ``grad.matmul(weight)``. With a trainable weight torch.matmul folds the 3-D gradient into one matrix product
     (copying it); with a frozen one it does not fold a non-contiguous tensor and runs a batched product over the
-    positions, the vocab x hidden weight broadcast to each: the whole weight is read once per position. On
-    SmolLM2 (2-core CPU, 64 positions x 2 rows) that product took 146 ms against the forward's 27 ms, 2.3 s of a
-    14.9 s update. A contiguous copy of the gradient (one logits-sized tensor) makes it one product again.
+    positions, the vocab x hidden weight broadcast to each: the whole weight is read once per position (SmolLM2,
+    2-core CPU, 64 positions x 2 rows, profiled: 146 ms against the forward's 27 ms). A contiguous copy of the
+    gradient (one logits-sized tensor) makes it one product again; in the peer setting's LoRA update that took
+    0.3-0.4 s off 13.5 s and 115-165 MiB off the peak (docs/benchmarks.md, "LoRA's frozen output layer").
     """
     logits = output[0]
     if logits.requires_grad:
