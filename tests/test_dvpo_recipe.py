@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_dvpo.utils import allocator
+from nemo_dvpo.utils import cpu_runtime
 from tests.conftest import (
     REPO_ROOT,
     entry_point_env as _env,
@@ -101,6 +101,16 @@ def _command(run_dir: Path, *overrides: str) -> list[str]:
             "optim.lr=1e-3", *overrides]
 
 
+def _expected_runtime(runtime: cpu_runtime.RuntimeChoice) -> str:
+    """What an entry point started from this environment runs with: the choice asked for or the machine's default,
+    if its library is found (a caller's own preload of the runtime is kept instead)."""
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if runtime.preloaded(preloaded):
+        return next(choice for choice, files in runtime.libraries.items() if files and any(f in preloaded for f in files))
+    choice, _ = runtime.requested(os.environ, gpu_machine=os.path.exists("/dev/nvidiactl"))
+    return choice if choice == runtime.own or cpu_runtime.find_library(runtime, choice) else runtime.own
+
+
 def _step_metrics(run_dir: Path) -> dict[int, dict]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {record["step"]: {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
@@ -124,10 +134,11 @@ def test_main_job_trains_a_gvm_first_then_the_policy_and_exports_it(tmp_path):
     assert summary["verifiable_score_before"]["num_prompts"] == 4
     assert summary["verifiable_score_after"]["num_prompts"] == 4
     assert summary["steps_this_run"] == 2 and summary["median_step_s"] > 0
-    # The entry point ran again with tcmalloc preloaded where the machine has it (nemo_dvpo/utils/allocator.py).
-    on_cpu_machine = not os.path.exists("/dev/nvidiactl") and "NEMO_DVPO_CPU_ALLOCATOR" not in os.environ
-    expected = "tcmalloc" if on_cpu_machine and allocator.find_library("tcmalloc") else allocator.in_use()
-    assert summary["cpu_allocator"] == expected and f"(CPU allocator: {expected})" in output
+    # The entry point ran again with tcmalloc and Intel's OpenMP preloaded where the machine has them
+    # (nemo_dvpo/utils/cpu_runtime.py), or as asked in the environment.
+    allocator, openmp = (_expected_runtime(runtime) for runtime in (cpu_runtime.ALLOCATOR, cpu_runtime.OPENMP))
+    assert (summary["cpu_allocator"], summary["cpu_openmp"]) == (allocator, openmp)
+    assert f"(CPU allocator: {allocator}, OpenMP: {openmp})" in output
     assert sorted(_step_metrics(run_dir)) == [1, 2]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

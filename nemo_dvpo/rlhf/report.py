@@ -137,7 +137,9 @@ def format_summary(title: str, summary: dict) -> str:
         "  time per step (median)     " + (f"{step_s:.1f} s over {summary['steps_this_run']} steps" if step_s
                                             else "no step ran"),
         f"  peak memory                {summary['peak_memory_mib']:.0f} MiB"
-        + (f" (CPU allocator: {summary['cpu_allocator']})" if "cpu_allocator" in summary else ""),
+        + (f" (CPU allocator: {summary['cpu_allocator']}"
+           + (f", OpenMP: {summary['cpu_openmp']}" if "cpu_openmp" in summary else "") + ")"
+           if "cpu_allocator" in summary else ""),
         f"  policy checkpoint          {summary['policy_checkpoint']}",
         f"  Hugging Face export        {summary['hf_export']}",
     ]

@@ -36,7 +36,7 @@ from nemo_dvpo.models.sources import load_tokenizer, special_token_ids
 from nemo_dvpo.training.data_parallel import DataParallel
 from nemo_dvpo.training.metrics import MetricsLogger, PhaseTimer, peak_memory_mib, progress_bar
 from nemo_dvpo.training.stopping import GracefulStop, stopped_message
-from nemo_dvpo.utils import allocator
+from nemo_dvpo.utils import cpu_runtime
 from nemo_dvpo.utils.distributed import initialize_distributed, is_rank_zero, print_rank_zero
 from nemo_dvpo.utils.errors import ConfigError, TrainingStopped
 
@@ -197,11 +197,12 @@ class Run:
 
     def write_summary(self, fields: dict) -> dict:
         """``summary.json`` (rank 0 writes it; every rank returns it): the recipe's ``fields``, then the steps this
-        process ran, their median time, the peak memory of this stage and the CPU allocator it ran with."""
+        process ran, their median time, the peak memory of this stage and the CPU allocator and OpenMP runtime it ran with."""
         times = sorted(self.step_times)
         summary = {**fields, "steps_this_run": len(times),
                    "median_step_s": times[len(times) // 2] if times else None,
-                   "peak_memory_mib": peak_memory_mib(), "cpu_allocator": allocator.in_use()}
+                   "peak_memory_mib": peak_memory_mib(), "cpu_allocator": cpu_runtime.allocator_in_use(),
+                   "cpu_openmp": cpu_runtime.openmp_in_use()}
         if is_rank_zero():
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
