@@ -97,8 +97,10 @@ def test_the_process_executes_itself_again_with_its_own_interpreter_options(libr
                                                 for name in ("libiomp5.so", "libtcmalloc_minimal.so.4"))
 
 
-@pytest.mark.parametrize("variable, value, choices", [("NEMO_DVPO_CPU_ALLOCATOR", "mimalloc", "tcmalloc, jemalloc, system"),
-                                                      ("NEMO_DVPO_CPU_OPENMP", "llvm", "intel, gnu")])
+@pytest.mark.parametrize("variable, value, choices", [
+    ("NEMO_DVPO_CPU_ALLOCATOR", "mimalloc", "tcmalloc, jemalloc, system"),
+    ("NEMO_DVPO_CPU_OPENMP", "llvm", "intel, gnu"),
+])
 def test_a_bad_choice_stops_an_entry_point_with_one_line_before_torch_is_imported(variable, value, choices):
     env = {**entry_point_env(), variable: value}
     completed = subprocess.run([sys.executable, "-X", "importtime", "examples/train_gvm.py"], cwd=REPO_ROOT,
@@ -129,8 +131,8 @@ def test_in_use_names_the_libraries_mapped_into_a_process():
 
 
 # A second host thread runs one parallel operator (as a gloo worker does for a big collective's copy) and stays
-# alive; then the main thread, with a thread for each CPU, runs 400 small parallel operators. Counted: the process's voluntary context switches
-# (a thread going to sleep) during those 400.
+# alive; then the main thread, with a thread for each CPU, runs 400 small parallel operators. Counted: the process's
+# voluntary context switches (a thread going to sleep) during those 400.
 _SLEEPS_PROBE = """
 import os, resource, threading, torch
 torch.set_num_threads(len(os.sched_getaffinity(0)))  # as torch's default: a thread for each CPU

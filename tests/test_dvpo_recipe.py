@@ -106,7 +106,8 @@ def _expected_runtime(runtime: cpu_runtime.RuntimeChoice) -> str:
     if its library is found (a caller's own preload of the runtime is kept instead)."""
     preloaded = os.environ.get("LD_PRELOAD", "")
     if runtime.preloaded(preloaded):
-        return next(choice for choice, files in runtime.libraries.items() if files and any(f in preloaded for f in files))
+        return next(choice for choice, files in runtime.libraries.items()
+                    if files and any(filename in preloaded for filename in files))
     choice, _ = runtime.requested(os.environ, gpu_machine=os.path.exists("/dev/nvidiactl"))
     return choice if choice == runtime.own or cpu_runtime.find_library(runtime, choice) else runtime.own
 

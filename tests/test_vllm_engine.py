@@ -128,6 +128,20 @@ def test_each_data_parallel_rank_reaches_an_engine_of_its_own():
     assert local.for_data_parallel_rank(1, 2) is local
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU worker's environment")
+def test_the_cpu_worker_preloads_its_own_environments_intel_openmp_in_place_of_the_trainers(tmp_path, monkeypatch):
+    python = tmp_path / "venv-vllm" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    (tmp_path / "venv-vllm" / "lib").mkdir()
+    (tmp_path / "venv-vllm" / "lib" / "libiomp5.so").write_bytes(b"")
+    # As an entry point of ours runs: the main environment's Intel OpenMP and tcmalloc preloaded.
+    monkeypatch.setenv("LD_PRELOAD", os.pathsep.join(["/repo/.venv/lib/libiomp5.so",
+                                                      "/usr/lib/libtcmalloc_minimal.so.4"]))
+    env = VllmEngine(VllmEngineConfig(model="m"))._worker_env(str(python), b"key")
+    assert env["LD_PRELOAD"].split(os.pathsep) == [str(tmp_path / "venv-vllm" / "lib" / "libiomp5.so"),
+                                                   "/usr/lib/libtcmalloc_minimal.so.4"]
+
+
 def test_sleep_mode_is_for_an_engine_started_beside_the_trainer_on_a_gpu():
     with pytest.raises(ConfigError, match="rollout.vllm.address has devices of its own"):
         VllmEngineConfig(model="m", enable_sleep_mode=True, address="node1:5000")

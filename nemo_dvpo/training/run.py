@@ -197,7 +197,8 @@ class Run:
 
     def write_summary(self, fields: dict) -> dict:
         """``summary.json`` (rank 0 writes it; every rank returns it): the recipe's ``fields``, then the steps this
-        process ran, their median time, the peak memory of this stage and the CPU allocator and OpenMP runtime it ran with."""
+        process ran, their median time, the peak memory of this stage and the CPU allocator and OpenMP runtime it
+        ran with."""
         times = sorted(self.step_times)
         summary = {**fields, "steps_this_run": len(times),
                    "median_step_s": times[len(times) // 2] if times else None,
