@@ -71,11 +71,11 @@ else
     fi
     PY="$VENV/bin/python"
     # torch first: anything that depends on torch would otherwise pull the CUDA build (several GB).
-    echo "[setup] installing CPU torch"
+    echo "[setup] installing CPU torch (and Intel's OpenMP, which the entry points preload: requirements-cpu.txt)"
     "$PY" -m pip install "${PIP_FLAGS[@]}" -r requirements-cpu.txt
 fi
 
-# tcmalloc: the entry points' CPU allocator where the machine has it (nemo_dvpo/utils/allocator.py: ~6% less peak
+# tcmalloc: the entry points' CPU allocator where the machine has it (nemo_dvpo/utils/cpu_runtime.py: ~6% less peak
 # memory than glibc's malloc on CPU). Installed where it is missing, on a CPU machine (GPU machines use glibc's by
 # default), when we may: as root with apt-get.
 if [ ! -e /dev/nvidiactl ] && ! ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib*/libtcmalloc_minimal.so.4 \
