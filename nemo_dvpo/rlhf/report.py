@@ -133,13 +133,12 @@ def format_summary(title: str, summary: dict) -> str:
         lines.append(f"  KL budget                  {budget['budget']:g}: " + (
             f"passed at step {budget['passed_at_step']} (KL {budget['passed_with_kl']:.3g}); the final policy is "
             f"the one after {budget['final_policy_step']} steps" if budget["passed_at_step"] else "never passed"))
+    runtime = ", ".join(f"{label}: {summary[key]}" for key, label in (("cpu_allocator", "CPU allocator"),
+                                                                       ("cpu_openmp", "OpenMP")) if key in summary)
     lines += [
         "  time per step (median)     " + (f"{step_s:.1f} s over {summary['steps_this_run']} steps" if step_s
                                             else "no step ran"),
-        f"  peak memory                {summary['peak_memory_mib']:.0f} MiB"
-        + (f" (CPU allocator: {summary['cpu_allocator']}"
-           + (f", OpenMP: {summary['cpu_openmp']}" if "cpu_openmp" in summary else "") + ")"
-           if "cpu_allocator" in summary else ""),
+        f"  peak memory                {summary['peak_memory_mib']:.0f} MiB" + (f" ({runtime})" if runtime else ""),
         f"  policy checkpoint          {summary['policy_checkpoint']}",
         f"  Hugging Face export        {summary['hf_export']}",
     ]
