@@ -142,6 +142,48 @@ def test_the_cpu_worker_preloads_its_own_environments_intel_openmp_in_place_of_t
                                                    "/usr/lib/libtcmalloc_minimal.so.4"]
 
 
+def test_connecting_to_an_address_that_does_not_serve_an_engine_says_so(monkeypatch):
+    # The three ways a trainer's connection to rollout.vllm.address fails, each a clear error (never a bare
+    # EOFError or AuthenticationError): nothing listens; something accepts and closes before the handshake;
+    # the engine was started with another key.
+    import socket
+    import threading
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Listener
+
+    key = os.urandom(16).hex()
+    monkeypatch.setenv("NEMO_DVPO_VLLM_AUTHKEY", key)
+    port = free_port()
+    with pytest.raises(NemoDvpoError, match=f"no vLLM engine answers at 127.0.0.1:{port} .*--listen"):
+        VllmEngine(VllmEngineConfig(model="m", address=f"127.0.0.1:{port}")).start()
+
+    with socket.create_server(("127.0.0.1", 0)) as closer:
+        def accept_and_close():
+            connection, _ = closer.accept()
+            connection.close()
+        thread = threading.Thread(target=accept_and_close)
+        thread.start()
+        address = "127.0.0.1:%d" % closer.getsockname()[1]
+        with pytest.raises(NemoDvpoError, match=f"no vLLM engine answers at {address} \\(it closed the connection"):
+            VllmEngine(VllmEngineConfig(model="m", address=address)).start()
+        thread.join(10)
+
+    with Listener(("127.0.0.1", 0), authkey=os.urandom(16)) as listener:
+        def refuse():
+            with pytest.raises(AuthenticationError):
+                listener.accept()
+        thread = threading.Thread(target=refuse)
+        thread.start()
+        address = "%s:%d" % listener.address
+        with pytest.raises(ConfigError, match=f"{address} rejected the key in NEMO_DVPO_VLLM_AUTHKEY"):
+            VllmEngine(VllmEngineConfig(model="m", address=address)).start()
+        thread.join(10)
+
+    monkeypatch.setenv("NEMO_DVPO_VLLM_AUTHKEY", "not-hex")
+    with pytest.raises(ConfigError, match="NEMO_DVPO_VLLM_AUTHKEY is not hex"):
+        VllmEngine(VllmEngineConfig(model="m", address=address)).start()
+
+
 def test_sleep_mode_is_for_an_engine_started_beside_the_trainer_on_a_gpu():
     with pytest.raises(ConfigError, match="rollout.vllm.address has devices of its own"):
         VllmEngineConfig(model="m", enable_sleep_mode=True, address="node1:5000")
@@ -586,6 +628,7 @@ def test_an_engine_launched_separately_is_reached_at_its_address(smollm2_hf_fold
     finally:
         if server.poll() is None:
             server.kill()
+        print((tmp_path / "server.log").read_text()[-3000:])  # shown when the test fails
 
 
 def test_the_vllm_environment_is_separate():

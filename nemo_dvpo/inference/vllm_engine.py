@@ -46,7 +46,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
-from multiprocessing import shared_memory
+from multiprocessing import AuthenticationError, shared_memory
 from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional, Sequence
@@ -322,9 +322,20 @@ class VllmEngine:
             raise ConfigError(f"rollout.vllm.address is set: export {AUTHKEY_ENV} (hex), the key the engine at "
                               f"{address} was started with")
         try:
-            self.connection = Client((host, port), authkey=bytes.fromhex(key))
-        except OSError as error:
-            raise NemoDvpoError(f"no vLLM engine answers at {address} ({error}); start one with "
+            authkey = bytes.fromhex(key)
+        except ValueError:
+            raise ConfigError(f"{AUTHKEY_ENV} is not hex ({len(key)} characters): export the key the engine at "
+                              f"{address} was started with") from None
+        try:
+            self.connection = Client((host, port), authkey=authkey)
+        except AuthenticationError:
+            raise ConfigError(f"the vLLM engine at {address} rejected the key in {AUTHKEY_ENV}: export the key it "
+                              f"was started with") from None
+        except (OSError, EOFError) as error:
+            # EOFError: something accepted the connection and closed it before the handshake (a process that is
+            # not our worker, or one that died just then). Either way nothing serves at the address now.
+            reason = str(error) or "it closed the connection before the handshake"
+            raise NemoDvpoError(f"no vLLM engine answers at {address} ({reason}); start one with "
                                 f"`.venv-vllm/bin/python {WORKER_SCRIPT.relative_to(REPO_ROOT)} --listen "
                                 f"{address} --engine-args JSON`") from None
         self.info = self._receive(self.config.start_timeout_s, "connecting")
