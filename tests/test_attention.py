@@ -139,7 +139,7 @@ def test_the_derived_tolerance_still_catches_a_wrong_scale_or_mask(core_attentio
             assert_close_to_rounding(actual_grads[name], expected_grads[name], terms)
 
 
-def test_fast_spec_replaces_only_the_two_attention_modules(megatron_single_rank):
+def test_fast_spec_replaces_the_two_attention_modules(megatron_single_rank):
     layer = unwrap_model(build_gpt_model(load_model_config("tiny"))[0]).decoder.layers[0]
     assert type(layer.self_attention) is RotatedKeyCacheSelfAttention
     assert type(layer.self_attention.core_attention) is SDPACoreAttention

@@ -12,8 +12,8 @@ The two modules here keep megatron's interfaces and numerics and remove that was
 :class:`SDPACoreAttention` computes the same softmax attention with
 ``torch.nn.functional.scaled_dot_product_attention`` (fused, GQA without copies), and
 :class:`RotatedKeyCacheSelfAttention` rotates each key once, before it enters the static cache.
-:func:`local_layer_spec` is megatron-bridge's local spec with these two swapped in. The TE spec
-(GPU) is left untouched: TE brings its own fused attention.
+:func:`local_layer_spec` is megatron-bridge's local spec with these two swapped in, and with the MLP of
+:mod:`nemo_dvpo.models.mlp`. The TE spec (GPU) is left untouched: TE brings its own fused attention.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from nemo_dvpo.models.mlp import with_lean_swiglu
 from nemo_dvpo.utils import cpu_compat
 
 
@@ -128,5 +129,6 @@ def _bridge_local_spec(config) -> ModuleSpec:
 
 
 def local_layer_spec(config) -> ModuleSpec:
-    """megatron-bridge's local (non-TE) GPT layer spec with the attention modules above."""
-    return with_fast_attention(_bridge_local_spec(config))
+    """megatron-bridge's local (non-TE) GPT layer spec with the attention modules above and the SwiGLU MLP that
+    saves only its input (:mod:`nemo_dvpo.models.mlp`)."""
+    return with_lean_swiglu(with_fast_attention(_bridge_local_spec(config)))
