@@ -17,7 +17,7 @@ from megatron.core.transformer.mlp import MLP
 from nemo_dvpo.models import attention, builder
 from nemo_dvpo.models.builder import build_gpt_model, unwrap_model
 from nemo_dvpo.models.config import load_model_config
-from nemo_dvpo.models.mlp import LeanSwiGLUMLP, SwiGLU, lean_swiglu_applies, swiglu
+from nemo_dvpo.models.mlp import SwiGLU, lean_swiglu_applies, swiglu
 from tests.tolerances import llama_terms, reduction_atol
 
 
@@ -89,16 +89,27 @@ def _replaced(config, change):
     return config
 
 
+def test_the_mlp_runs_on_the_tensor_parallel_group_its_model_is_built_on(megatron_single_rank):
+    # A GVM on process groups of its own (standalone_model_groups) hands each layer its groups; megatron's layer
+    # passes the TP group only to MLP classes it knows, so the MLP stays megatron's own class.
+    from nemo_dvpo.utils.distributed import standalone_model_groups
+
+    groups = standalone_model_groups(1)
+    layer = unwrap_model(build_gpt_model(load_model_config("tiny"), pg_collection=groups)[0]).decoder.layers[0]
+    assert isinstance(layer.mlp.activation_func, SwiGLU)
+    assert layer.mlp.tp_group is groups.tp and layer.mlp.linear_fc1.tp_group is groups.tp
+
+
 def test_a_model_with_the_lean_mlp_has_the_stock_models_gradients(megatron_single_rank, monkeypatch):
     model_cfg = load_model_config("tiny")
     lean_model = build_gpt_model(model_cfg)
     layer = unwrap_model(lean_model[0]).decoder.layers[0]
-    assert type(layer.mlp) is LeanSwiGLUMLP and isinstance(layer.mlp.activation_func, SwiGLU)
-    assert not layer.config.use_te_activation_func  # the flag stays on the MLP's own copy of the config
+    assert type(layer.mlp) is MLP and isinstance(layer.mlp.activation_func, SwiGLU)
     stock_spec = lambda config: attention.with_fast_attention(attention._bridge_local_spec(config))  # noqa: E731
     monkeypatch.setattr(builder, "local_layer_spec", stock_spec)
     stock_model = build_gpt_model(model_cfg)
-    assert type(unwrap_model(stock_model[0]).decoder.layers[0].mlp) is MLP
+    stock_mlp = unwrap_model(stock_model[0]).decoder.layers[0].mlp
+    assert type(stock_mlp) is MLP and stock_mlp.activation_func is F.silu
     stock_model[0].load_state_dict(lean_model[0].state_dict())
 
     tokens = torch.randint(0, model_cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))

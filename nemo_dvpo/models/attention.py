@@ -131,4 +131,4 @@ def _bridge_local_spec(config) -> ModuleSpec:
 def local_layer_spec(config) -> ModuleSpec:
     """megatron-bridge's local (non-TE) GPT layer spec with the attention modules above and the SwiGLU MLP that
     saves only its input (:mod:`nemo_dvpo.models.mlp`)."""
-    return with_lean_swiglu(with_fast_attention(_bridge_local_spec(config)))
+    return with_lean_swiglu(with_fast_attention(_bridge_local_spec(config)), config)

@@ -13,8 +13,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from nemo_dvpo.models import attention
 from nemo_dvpo.models.attention import local_layer_spec
 from nemo_dvpo.models.config import ModelConfig
+from nemo_dvpo.models.mlp import lean_swiglu_applies
 from nemo_dvpo.models.sources import hf_folder_for, load_hf_config, load_hf_model
 from nemo_dvpo.utils import cpu_compat
 from nemo_dvpo.utils.errors import ConfigError
@@ -165,6 +167,10 @@ def make_provider(hf_config, model_cfg: ModelConfig, tensor_parallel: int = 1, p
     # After the overrides: they may choose the layer spec, on which the fusions' availability depends.
     for name in unsupported_fusions(te_spec=provider.transformer_layer_spec is not local_layer_spec):
         setattr(provider, name, False)
+    if provider.transformer_layer_spec is attention.local_layer_spec and lean_swiglu_applies(provider):
+        # Our local spec's SwiGLU keeps only its input for backward (models/mlp.py); megatron's MLP takes an
+        # activation module from the spec only under this flag, named for Transformer Engine's.
+        provider.use_te_activation_func = True
     provider.finalize()
     return provider
 

@@ -12,15 +12,18 @@ With ``s = sigmoid(a)``::
     backward:  d_a    = d_out * b * s * (1 + a * (1 - s))
                d_b    = d_out * a * s
 
-megatron's MLP takes its activation from the layer spec (``MLPSubmodules.activation_func``) when
-``use_te_activation_func`` is set - the seam Transformer Engine's activation op uses. :class:`LeanSwiGLUMLP` sets
-it on a copy of its own config, so the flag never reaches modules that were not built with the activation.
+megatron's MLP takes its activation from the layer spec (``MLPSubmodules.activation_func``) when the config's
+``use_te_activation_func`` is set - the seam Transformer Engine's activation op uses. The MLP itself stays
+megatron's own class, so a transformer layer still hands it its tensor-parallel group (a layer passes that only to
+the MLP classes it knows). :func:`nemo_dvpo.models.builder.make_provider` sets the flag for the local spec where
+:func:`lean_swiglu_applies`, and :func:`with_lean_swiglu` puts :class:`SwiGLU` into the spec wherever the flag is
+set; a spec without it fails loudly (megatron would apply ``silu`` to both halves, and the second linear layer
+refuses the doubled width).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -65,30 +68,24 @@ class SwiGLU(MegatronModule):
         return swiglu(y)
 
 
+def _plain_swiglu(config) -> bool:
+    return (config.gated_linear_unit and config.activation_func is F.silu
+            and config.activation_func_clamp_value is None and not config.glu_linear_offset)
+
+
 def lean_swiglu_applies(config) -> bool:
-    """Whether the MLP of ``config`` is a plain SwiGLU that megatron would run unfused (nothing for TE or
-    megatron's fused kernel to do, no clamp or offset)."""
-    return (config.gated_linear_unit and config.activation_func is F.silu and not config.bias_activation_fusion
-            and not config.use_te_activation_func and config.activation_func_clamp_value is None
-            and not config.glu_linear_offset)
+    """Whether the MLP of ``config`` is a plain SwiGLU (no clamp or offset) that megatron would run unfused:
+    nothing for megatron's fused kernel or another spec-chosen activation to do."""
+    return _plain_swiglu(config) and not config.bias_activation_fusion and not config.use_te_activation_func
 
 
-class LeanSwiGLUMLP(MLP):
-    """megatron-core's MLP with :class:`SwiGLU` as its activation where :func:`lean_swiglu_applies`; megatron's
-    own MLP, unchanged, otherwise."""
-
-    def __init__(self, config, submodules, *args, **kwargs):
-        if lean_swiglu_applies(config) and submodules.activation_func is None:
-            config = copy.copy(config)
-            config.use_te_activation_func = True
-            submodules = dataclasses.replace(submodules, activation_func=SwiGLU)
-        super().__init__(config, submodules, *args, **kwargs)
-
-
-def with_lean_swiglu(layer_spec):
-    """A copy of ``layer_spec`` whose dense MLP is :class:`LeanSwiGLUMLP`."""
-    layer_spec = copy.deepcopy(layer_spec)
+def with_lean_swiglu(layer_spec, config):
+    """``layer_spec``, or a copy whose dense MLP takes :class:`SwiGLU` as its activation when ``config`` asks for a
+    spec-chosen one (``use_te_activation_func``) and its MLP is a plain SwiGLU."""
     mlp_spec = layer_spec.submodules.mlp
-    if getattr(mlp_spec, "module", None) is MLP:
-        mlp_spec.module = LeanSwiGLUMLP
+    if not (config.use_te_activation_func and _plain_swiglu(config) and getattr(mlp_spec, "module", None) is MLP
+            and mlp_spec.submodules.activation_func is None):
+        return layer_spec
+    layer_spec = copy.deepcopy(layer_spec)
+    layer_spec.submodules.mlp.submodules.activation_func = SwiGLU
     return layer_spec
