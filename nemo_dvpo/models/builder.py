@@ -169,7 +169,8 @@ def make_provider(hf_config, model_cfg: ModelConfig, tensor_parallel: int = 1, p
         setattr(provider, name, False)
     if provider.transformer_layer_spec is attention.local_layer_spec and lean_swiglu_applies(provider):
         # Our local spec's SwiGLU keeps only its input for backward (models/mlp.py); megatron's MLP takes an
-        # activation module from the spec only under this flag, named for Transformer Engine's.
+        # activation module from the spec only under this flag, named for Transformer Engine's. Compared with the
+        # function itself, not this module's name for it, which tests and benchmarks rebind to the stock spec.
         provider.use_te_activation_func = True
     provider.finalize()
     return provider

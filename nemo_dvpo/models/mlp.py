@@ -61,9 +61,6 @@ class SwiGLU(MegatronModule):
     """:func:`swiglu` as the module megatron's MLP builds from ``MLPSubmodules.activation_func`` (a
     MegatronModule: the MLP's checkpoint asks each submodule for its sharded state, here none)."""
 
-    def __init__(self, config):
-        super().__init__(config=config)
-
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return swiglu(y)
 
